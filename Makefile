@@ -1,0 +1,24 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+# Torch from the local wheel cache where one exists; any torch>=2.4 works.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo lint format
+
+install:
+	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
+	@$(PYTHON) -c "import titok_lightning, pytest, lpips, open_clip" 2>/dev/null || $(PIP) install -q -e ".[dev]"
+
+test: install
+	$(PYTHON) -m pytest -q -x --durations=15 tests
+
+demo: install
+	$(PYTHON) train.py
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .

@@ -1,0 +1,73 @@
+"""Parity runners: how to rebuild each reference fixture entry with this project's code.
+
+Every module here exports
+- ``RUNNERS``: fixture name -> ``run(fixture) -> dict[str, Tensor]`` producing every output the
+  fixture lists, built only from ``fixture.config`` / ``fixture.state_dict`` / ``fixture.inputs``;
+- ``MANIFEST_RESOLVERS``: reference class -> ``resolve(manifest_config) -> (variant, overrides)``
+  naming the registry variant whose full-size model must match an official checkpoint manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+
+@dataclass
+class Fixture:
+    name: str
+    meta: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor]
+    outputs: dict[str, torch.Tensor]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.meta["reference_config"]
+
+    @property
+    def size_presets(self) -> dict[str, dict[str, int]]:
+        return self.meta.get("size_presets") or {}
+
+    @property
+    def patched_constants(self) -> dict[str, Any]:
+        return self.meta.get("patched_constants") or {}
+
+    @classmethod
+    def load(cls, json_path: Path) -> Fixture:
+        meta = json.loads(json_path.read_text())
+        tensors = load_file(str(json_path.with_suffix(".safetensors")))
+
+        def section(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        return cls(
+            name=meta.get("name", json_path.stem),
+            meta=meta,
+            state_dict=section("state_dict/"),
+            inputs=section("input/"),
+            outputs=section("output/"),
+        )
+
+
+def all_runners() -> dict[str, Any]:
+    from tests.parity_runners import generators, losses, tokenizers
+
+    runners: dict[str, Any] = {}
+    for module in (tokenizers, losses, generators):
+        runners.update(module.RUNNERS)
+    return runners
+
+
+def all_manifest_resolvers() -> dict[str, Any]:
+    from tests.parity_runners import generators, tokenizers
+
+    resolvers: dict[str, Any] = {}
+    for module in (tokenizers, generators):
+        resolvers.update(module.MANIFEST_RESOLVERS)
+    return resolvers

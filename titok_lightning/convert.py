@@ -1,0 +1,81 @@
+"""Conversion of reference-format (bytedance/1d-tokenizer) state dicts to this project's modules.
+
+Each model class exposes ``convert_reference_state_dict(state_dict) -> state_dict`` (a pure key/tensor
+mapping, usually a list of regex renames built with :func:`rename_keys`). :func:`load_reference_state_dict`
+runs it and loads strictly, so a checkpoint of another model fails with the missing and unexpected keys
+named instead of loading half the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+# Extras that older library versions saved as persistent buffers and that carry no information.
+# They are dropped by name only; everything else must match exactly.
+KNOWN_BENIGN_EXTRA_SUFFIXES = (
+    "embeddings.position_ids",  # transformers < 4.31 BertEmbeddings
+    "embeddings.token_type_ids",
+)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint does not fit the model: lists the missing, unexpected and mis-shaped keys."""
+
+
+def rename_keys(
+    state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
+    """Apply every ``(pattern, replacement)`` regex rule, in order, to every key."""
+    compiled = [(re.compile(p), r) for p, r in rules]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        for pattern, repl in compiled:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    return out
+
+
+def drop_benign_extras(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if not k.endswith(KNOWN_BENIGN_EXTRA_SUFFIXES)}
+
+
+def convert_reference_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict:
+    converter = getattr(type(model), "convert_reference_state_dict", None)
+    state_dict = drop_benign_extras(state_dict)
+    return dict(state_dict) if converter is None else converter(state_dict)
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Raise :class:`CheckpointMismatchError` unless keys and shapes match ``model`` exactly."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(state_dict)
+        if tuple(expected[k].shape) != tuple(state_dict[k].shape)
+    )
+    if missing or unexpected or wrong_shape:
+
+        def show(title: str, items: list[str]) -> str:
+            head = ", ".join(items[:20]) + (f" ... (+{len(items) - 20} more)" if len(items) > 20 else "")
+            return f"\n  {title} ({len(items)}): {head}" if items else ""
+
+        raise CheckpointMismatchError(
+            f"checkpoint does not match {type(model).__name__}:"
+            + show("missing keys", missing)
+            + show("unexpected keys", unexpected)
+            + show("shape mismatches", wrong_shape)
+        )
+
+
+def load_reference_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Convert a reference-format state dict and load it strictly into ``model``."""
+    converted = convert_reference_state_dict(model, state_dict)
+    check_state_dict(model, converted)
+    model.load_state_dict(converted, strict=True)
+    return model

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` model families. Importing this package registers every named variant."""
