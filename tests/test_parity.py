@@ -40,9 +40,7 @@ def _compare(name: str, actual: torch.Tensor, expected: torch.Tensor, spec: dict
     err = (actual - expected).abs()
     bound = atol + rtol * expected.abs()
     worst = (err / bound).max().item() if err.numel() else 0.0
-    assert bool((err <= bound).all()), (
-        f"{name}: max |err| {err.max().item():.3e} is {worst:.2f}x the tolerance"
-    )
+    assert bool((err <= bound).all()), f"{name}: max |err| {err.max().item():.3e} is {worst:.2f}x the tolerance"
 
 
 @pytest.mark.parametrize("fixture_path", FIXTURES, ids=[p.stem for p in FIXTURES])

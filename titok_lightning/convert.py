@@ -26,9 +26,7 @@ class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not fit the model: lists the missing, unexpected and mis-shaped keys."""
 
 
-def rename_keys(
-    state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]
-) -> dict[str, torch.Tensor]:
+def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Apply every ``(pattern, replacement)`` regex rule, in order, to every key."""
     compiled = [(re.compile(p), r) for p, r in rules]
     out: dict[str, torch.Tensor] = {}

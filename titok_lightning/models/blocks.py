@@ -79,14 +79,10 @@ class Attention(nn.Module):
         is_causal: bool = False,
     ) -> torch.Tensor:
         drop = self.attn_drop if self.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
         return self.proj_drop(self.proj(merge_heads(out)))
 
-    def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         q, k, v = self.project_qkv(x)
         return self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
@@ -136,9 +132,7 @@ class Block(nn.Module):
         super().__init__()
         self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(
-            dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=drop
-        )
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop, proj_drop=drop)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
