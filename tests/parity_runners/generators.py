@@ -9,15 +9,95 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from tests.parity_runners import Fixture
+from titok_lightning.convert import load_reference_state_dict
+from titok_lightning.models.maskgit import ImageBert, MaskGITGenerator, UViTBert
+from titok_lightning.models.rar import RAR
+
 # ----------------------------------------------------------------------------------------------------------
-# MaskGIT (ImageBert, UViTBert) and RAR: filled in by their models' commit.
+# MaskGIT: ImageBert, UViTBert
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _run_maskgit(cls: type[MaskGITGenerator], fixture: Fixture) -> dict[str, torch.Tensor]:
+    model = cls.from_reference_config(fixture.config)
+    load_reference_state_dict(model, fixture.state_dict).eval()
+    input_ids, condition = fixture.inputs["input_ids"], fixture.inputs["condition"]
+    return {
+        "logits": model(input_ids, condition, cond_drop_prob=0.0),
+        "logits_uncond": model(input_ids, condition, cond_drop_prob=1.0),
+    }
+
+
+def run_imagebert(fixture: Fixture) -> dict[str, torch.Tensor]:
+    return _run_maskgit(ImageBert, fixture)
+
+
+def run_uvitbert(fixture: Fixture) -> dict[str, torch.Tensor]:
+    return _run_maskgit(UViTBert, fixture)
+
+
+_VIT_SIZE_LETTER = {"small": "s", "base": "b", "large": "l"}
+
+
+def resolve_maskgit(config: dict) -> tuple[str, dict[str, Any]]:
+    """TiTok configs name the tokenizer (size, tokens); the registry names the generator after it."""
+    vq = config["model"]["vq_model"]
+    return f"maskgit_titok_{_VIT_SIZE_LETTER[vq['vit_enc_model_size']]}{vq['num_latent_tokens']}", {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RAR
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_rar(fixture: Fixture) -> dict[str, torch.Tensor]:
+    model = RAR.from_reference_config(fixture.config)
+    load_reference_state_dict(model, fixture.state_dict).eval()
+    input_ids, orders = fixture.inputs["input_ids"], fixture.inputs["orders"]
+    condition = model.preprocess_condition(fixture.inputs["class_ids"], cond_drop_prob=0.0)
+    out = {
+        "condition": condition,
+        "condition_dropped": model.preprocess_condition(fixture.inputs["class_ids"], cond_drop_prob=1.0),
+    }
+    out["logits_orders"], out["labels_orders"] = model.forward_fn(input_ids, condition, True, orders=orders)
+    out["logits_raster"], out["labels_raster"] = model.forward_fn(input_ids, condition, True)
+    prefix = fixture.meta["outputs"]["logits_sampling_prefix"]["shape"][1] - 1
+    out["logits_sampling_prefix"] = model.forward_fn(input_ids[:, :prefix], condition, is_sampling=True)
+    cache = model.make_kv_cache()
+    num_calls = fixture.meta["outputs"]["logits_kv_cache_last"]["shape"][1]
+    out["logits_kv_cache_last"] = torch.stack(
+        [
+            model.forward_fn(input_ids[:, :length], condition, is_sampling=True, kv_cache=cache)[:, -1]
+            for length in range(num_calls)
+        ],
+        dim=1,
+    )
+    return out
+
+
+_RAR_WIDTHS = {768: "rar_b", 1024: "rar_l", 1280: "rar_xl", 1408: "rar_xxl"}
+
+
+def resolve_rar(config: dict) -> tuple[str, dict[str, Any]]:
+    """The RAR config is RAR-B's; the README sets the other sizes' widths on top of it."""
+    return _RAR_WIDTHS[config["model"]["generator"]["hidden_size"]], {}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Registries
 # ----------------------------------------------------------------------------------------------------------
 
-RUNNERS: dict[str, Any] = {}
+RUNNERS: dict[str, Any] = {
+    "imagebert": run_imagebert,
+    "uvitbert": run_uvitbert,
+    "rar": run_rar,
+}
 
-MANIFEST_RESOLVERS: dict[str, Any] = {}
+MANIFEST_RESOLVERS: dict[str, Any] = {
+    "modeling.maskgit.ImageBert": resolve_maskgit,
+    "modeling.maskgit.UViTBert": resolve_maskgit,
+    "modeling.rar.RAR": resolve_rar,
+}

@@ -1,0 +1,109 @@
+"""Pieces shared by the class-conditional token generators (MaskGIT, RAR) and their samplers.
+
+- Token space: image codes ``[0, K)``, the mask id ``K``, class ``c`` as ``K + 1 + c`` and one null
+  class ``K + 1 + num_classes`` for classifier-free guidance.
+- Randomness: every sampler takes a ``torch.Generator`` (or an int seed) so that runs repeat exactly.
+- Schedules: the arccos masking schedule and the power-cosine guidance schedule (MDT).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+# ----------------------------------------------------------------------------------------------------------
+# Token space
+# ----------------------------------------------------------------------------------------------------------
+
+
+def class_condition_ids(
+    class_ids: torch.Tensor,
+    codebook_size: int,
+    num_classes: int,
+    drop_prob: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Class ids [B] -> condition token ids [B]: ``codebook_size + 1 + class``, or the null class id
+    ``codebook_size + 1 + num_classes`` with probability ``drop_prob`` (label dropout for CFG)."""
+    if class_ids.ndim != 1 or class_ids.is_floating_point():
+        raise ValueError(f"class ids must be an integer tensor of shape [B], got {tuple(class_ids.shape)}")
+    condition = class_ids + (codebook_size + 1)
+    if drop_prob > 0:
+        drop = torch.rand(class_ids.shape, generator=generator, device=class_ids.device) < drop_prob
+        condition = condition.masked_fill(drop, codebook_size + 1 + num_classes)
+    return condition
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Randomness
+# ----------------------------------------------------------------------------------------------------------
+
+
+def resolve_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
+    """An int seeds a fresh generator on ``device``; a generator must live on ``device``'s type."""
+    device = torch.device(device)
+    if generator is None or isinstance(generator, torch.Generator):
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"the generator is on {generator.device} but sampling runs on {device}")
+        return generator
+    if isinstance(generator, int):
+        return torch.Generator(device).manual_seed(generator)
+    raise TypeError(f"expected a torch.Generator, an int seed or None, got {type(generator).__name__}")
+
+
+def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device, generator=None) -> torch.Tensor:
+    """Standard Gumbel noise in fp32, ``-log(-log(u))`` with both logs clamped at 1e-20 as in MaskGIT."""
+    u = torch.rand(shape, device=device, generator=generator)
+    return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def arccos_mask_ratio(progress: float | torch.Tensor) -> float | torch.Tensor:
+    """Fraction of tokens still masked at ``progress`` in [0, 1]: 1 at 0, 0 at 1 (MaskGIT arccos)."""
+    if isinstance(progress, torch.Tensor):
+        return torch.acos(progress) / (math.pi / 2)
+    return math.acos(progress) / (math.pi / 2)
+
+
+def random_arccos_masking(
+    input_ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time masking: per sample draw ``t ~ U(0, 1)``, mask ``round(N * arccos_ratio(t))`` tokens
+    (at least one) at uniformly random positions.
+
+    Args:
+        input_ids: [B, N] token ids.
+    Returns:
+        masked ids [B, N] (masked positions hold ``mask_token_id``) and the boolean mask [B, N].
+    """
+    batch, seq_len = input_ids.shape
+    device = input_ids.device
+    t = torch.rand(batch, device=device, generator=generator)
+    ratio = arccos_mask_ratio(t).clamp(1e-6, 1.0)
+    num_masked = (seq_len * ratio).round().clamp(min=1)
+    ranks = torch.rand(batch, seq_len, device=device, generator=generator).argsort(dim=-1)
+    mask = ranks < num_masked[:, None]
+    return input_ids.masked_fill(mask, mask_token_id), mask
+
+
+def power_cosine_guidance(progress: float, guidance_scale: float, power: float) -> float:
+    """Guidance scale rising from 1 at ``progress`` 0 to ``guidance_scale`` at 1 along
+    ``(1 - cos(pi * progress**power)) / 2`` (MDT); ``power`` 0 gives a constant ``guidance_scale``."""
+    return (guidance_scale - 1.0) * (1.0 - math.cos(math.pi * progress**power)) / 2.0 + 1.0
+
+
+def progress_bar(iterable: Iterable[T], enabled: bool, desc: str) -> Iterator[T]:
+    if not enabled:
+        return iter(iterable)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(iterable, desc=desc, leave=False))
