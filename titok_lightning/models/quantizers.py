@@ -65,6 +65,22 @@ class VectorQuantizer(nn.Module):
             weight = weight.clone()
         return F.normalize(weight, dim=-1) if self.use_l2_norm else weight
 
+    @staticmethod
+    def _distances(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """Squared euclidean distances [M, K] between rows of ``flat`` [M, C] and ``codebook`` [K, C]."""
+        return flat.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2.0 * (flat @ codebook.t())
+
+    def nearest_indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Ids [B, H, W] (int64) of the nearest codes to ``z`` [B, C, H, W], without losses or gradients."""
+        if z.shape[1] != self.token_size:
+            raise ValueError(f"expected {self.token_size} latent channels, got shape {tuple(z.shape)}")
+        with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+            b, c, h, w = z.shape
+            flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)
+            if self.use_l2_norm:
+                flat = F.normalize(flat, dim=-1)
+            return self._distances(flat, self.codebook()).argmin(dim=1).view(b, h, w)
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Quantize ``z`` [B, C, H, W] (tokenizers: [B, C, 1, N]).
 
@@ -81,9 +97,8 @@ class VectorQuantizer(nn.Module):
             features = z.reshape(-1, c)
             if self.use_l2_norm:
                 z = F.normalize(z, dim=-1)
-            flat = z.reshape(-1, c)
             codebook = self.codebook()
-            distances = flat.pow(2).sum(dim=1, keepdim=True) + codebook.pow(2).sum(dim=1) - 2.0 * (flat @ codebook.t())
+            distances = self._distances(z.reshape(-1, c), codebook)
             indices = distances.argmin(dim=1)
             z_quantized = codebook[indices].view_as(z)
 
