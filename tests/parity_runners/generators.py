@@ -13,8 +13,10 @@ import torch
 
 from tests.parity_runners import Fixture
 from titok_lightning.convert import load_reference_state_dict
+from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import ImageBert, MaskGITGenerator, UViTBert
 from titok_lightning.models.rar import RAR
+from titok_lightning.registry import get_spec, list_models
 
 # ----------------------------------------------------------------------------------------------------------
 # MaskGIT: ImageBert, UViTBert
@@ -87,6 +89,55 @@ def resolve_rar(config: dict) -> tuple[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# MaskGen: MaskGen-VQ, MaskGen-KL
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_maskgen_vq(fixture: Fixture) -> dict[str, torch.Tensor]:
+    model = MaskGenVQ.from_reference_config(fixture.config)
+    load_reference_state_dict(model, fixture.state_dict).eval()
+    x = fixture.inputs
+    return {
+        "condition_pooled_with_micro": model.pooled_condition(x["condition_pooled"], x["aesthetic_score"]).unsqueeze(1),
+        "logits": model(x["input_tokens"], x["condition"], x["condition_pooled"], x["aesthetic_score"]),
+    }
+
+
+def run_maskgen_kl(fixture: Fixture) -> dict[str, torch.Tensor]:
+    model = MaskGenKL.from_reference_config(fixture.config)
+    load_reference_state_dict(model, fixture.state_dict).eval()
+    x = fixture.inputs
+    context, pooled = model.embed_condition(x["condition"], x["condition_pooled"], x["aesthetic_score"])
+    z = model.forward_decoder(x["x"], x["mask"], context, pooled)
+    return {
+        "condition_proj": context,
+        "micro_condition": model.encode_micro_condition(x["aesthetic_score"] * 100),
+        "condition_pooled_proj": pooled.unsqueeze(1),
+        "z": z,
+        "diffloss_out": model.diffloss.net(x["diffusion_x"], x["diffusion_t"], z.flatten(0, 1)),
+    }
+
+
+def _resolve_maskgen(cls: type[MaskGenVQ] | type[MaskGenKL], config: dict) -> tuple[str, dict[str, Any]]:
+    """The registry variant of the same class and architecture; sampling defaults that differ (stage-1
+    configs use aesthetic score 6.0) become overrides."""
+    kwargs = cls.config_to_kwargs(config)
+    for name in list_models("generator"):
+        spec = get_spec(name)
+        if spec.model_cls is cls and all(spec.kwargs.get(k) == kwargs[k] for k in ("embed_dim", "depth", "num_heads")):
+            return name, {k: v for k, v in kwargs.items() if spec.kwargs.get(k, v) != v}
+    raise KeyError(f"no registered {cls.__name__} variant with width {kwargs['embed_dim']}, depth {kwargs['depth']}")
+
+
+def resolve_maskgen_vq(config: dict) -> tuple[str, dict[str, Any]]:
+    return _resolve_maskgen(MaskGenVQ, config)
+
+
+def resolve_maskgen_kl(config: dict) -> tuple[str, dict[str, Any]]:
+    return _resolve_maskgen(MaskGenKL, config)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Registries
 # ----------------------------------------------------------------------------------------------------------
 
@@ -94,10 +145,14 @@ RUNNERS: dict[str, Any] = {
     "imagebert": run_imagebert,
     "uvitbert": run_uvitbert,
     "rar": run_rar,
+    "maskgen_vq": run_maskgen_vq,
+    "maskgen_kl": run_maskgen_kl,
 }
 
 MANIFEST_RESOLVERS: dict[str, Any] = {
     "modeling.maskgit.ImageBert": resolve_maskgit,
     "modeling.maskgit.UViTBert": resolve_maskgit,
     "modeling.rar.RAR": resolve_rar,
+    "modeling.maskgen.MaskGen_VQ": resolve_maskgen_vq,
+    "modeling.maskgen.MaskGen_KL": resolve_maskgen_kl,
 }
