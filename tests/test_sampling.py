@@ -1,0 +1,252 @@
+"""Samplers of the class-conditional generators: schedules, MaskGIT decoding, RAR decoding and its KV cache."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from titok_lightning.models.maskgit import ImageBert, MaskGITSampling, UViTBert, guidance_weight, maskgit_generate
+from titok_lightning.models.rar import RAR, KVCache, RARSampling, randomness_ratio, rar_generate
+from titok_lightning.sampling import (
+    arccos_mask_ratio,
+    class_condition_ids,
+    power_cosine_guidance,
+    random_arccos_masking,
+    resolve_generator,
+)
+
+TINY = dict(codebook_size=16, image_seq_len=8, num_classes=5, hidden_size=32, num_layers=2, num_heads=2)
+
+
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Eval-mode model whose weights (zero-initialised ones included) are large enough to matter."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(std=0.3 if p.ndim > 1 else 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def rar() -> RAR:
+    return _randomised(RAR(**TINY, intermediate_size=64))
+
+
+@pytest.fixture(scope="module", params=[ImageBert, UViTBert])
+def maskgit(request) -> ImageBert | UViTBert:
+    return _randomised(request.param(**TINY, intermediate_size=64))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_mask_schedule_end_points_and_monotonicity():
+    assert arccos_mask_ratio(0.0) == 1.0 and arccos_mask_ratio(1.0) == 0.0
+    grid = torch.linspace(0, 1, 11)
+    ratios = arccos_mask_ratio(grid)
+    assert torch.allclose(ratios[[0, -1]], torch.tensor([1.0, 0.0]), atol=1e-6)
+    assert (ratios[1:] < ratios[:-1]).all()
+    assert all(math.isclose(arccos_mask_ratio(float(t)), float(r), abs_tol=1e-6) for t, r in zip(grid, ratios))
+
+
+def test_training_masking_masks_at_least_one_token_with_the_mask_id():
+    ids = torch.randint(0, 16, (64, 8))
+    masked, mask = random_arccos_masking(ids, mask_token_id=16, generator=torch.Generator().manual_seed(0))
+    assert mask.sum(1).min() >= 1 and mask.sum(1).max() <= 8
+    assert torch.equal(masked, torch.where(mask, torch.full_like(ids, 16), ids))
+    # Small mask ratios are likelier than large ones under the arccos schedule (E[ratio] = 2/pi).
+    assert abs(mask.float().mean().item() - 2 / math.pi) < 0.1
+
+
+def test_class_condition_ids_shift_and_null_class():
+    classes = torch.tensor([0, 4, 2])
+    assert torch.equal(class_condition_ids(classes, 16, 5), classes + 17)
+    assert torch.equal(class_condition_ids(classes, 16, 5, drop_prob=1.0), torch.full_like(classes, 22))
+    with pytest.raises(ValueError):
+        class_condition_ids(classes.float(), 16, 5)
+
+
+def test_power_cosine_guidance_end_points():
+    assert power_cosine_guidance(0.0, 7.0, 2.0) == 1.0
+    assert math.isclose(power_cosine_guidance(1.0, 7.0, 2.0), 7.0)
+    assert math.isclose(power_cosine_guidance(0.0, 7.0, 0.0), 7.0)  # power 0: constant
+
+
+def test_guidance_weights_per_decay():
+    assert guidance_weight(0, MaskGITSampling(guidance_scale=3.0, guidance_decay="constant")) == 3.0
+    linear = MaskGITSampling(num_steps=4, guidance_scale=3.0, guidance_decay="linear")
+    assert [guidance_weight(s, linear) for s in range(4)] == [0.0, 0.75, 1.5, 2.25]
+    cosine = MaskGITSampling(num_steps=4, guidance_scale=3.0, guidance_decay="power-cosine")
+    assert guidance_weight(0, cosine) == 0.0 and 0 < guidance_weight(3, cosine) < 2.0
+    with pytest.raises(ValueError):
+        MaskGITSampling(guidance_decay="cosine")
+
+
+def test_resolve_generator():
+    assert resolve_generator(None, torch.device("cpu")) is None
+    seeded = resolve_generator(3, torch.device("cpu"))
+    assert torch.equal(torch.rand(4, generator=seeded), torch.rand(4, generator=torch.Generator().manual_seed(3)))
+    with pytest.raises(ValueError):
+        resolve_generator(torch.Generator(), torch.device("meta"))
+    with pytest.raises(TypeError):
+        resolve_generator(1.5, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MaskGIT
+# ----------------------------------------------------------------------------------------------------------
+
+CLASSES = torch.tensor([0, 3, 1])
+
+
+@pytest.mark.parametrize("decay", ["constant", "linear", "power-cosine"])
+def test_maskgit_fills_every_position_with_codebook_ids(maskgit, decay):
+    sampling = MaskGITSampling(num_steps=5, guidance_scale=2.0, guidance_decay=decay, randomize_temperature=3.0)
+    ids = maskgit_generate(maskgit, CLASSES, sampling, generator=0)
+    assert ids.shape == (3, maskgit.image_seq_len) and ids.dtype == torch.long
+    assert ids.min() >= 0 and ids.max() < maskgit.codebook_size
+
+
+def test_maskgit_follows_the_arccos_schedule_and_keeps_decoded_tokens(maskgit, monkeypatch):
+    seen: list[torch.Tensor] = []
+    forward_tokens = maskgit.forward_tokens
+    monkeypatch.setattr(
+        maskgit, "forward_tokens", lambda ids, c: seen.append(ids[: len(CLASSES)]) or forward_tokens(ids, c)
+    )
+    steps, n = 4, maskgit.image_seq_len
+    final = maskgit_generate(maskgit, CLASSES, MaskGITSampling(num_steps=steps, randomize_temperature=2.0), generator=1)
+    expected, masked = [n], n
+    for step in range(steps - 1):
+        masked = max(1, min(masked - 1, math.floor(n * arccos_mask_ratio((step + 1) / steps))))
+        expected.append(masked)
+    counts = [(ids == maskgit.mask_token_id).sum(1) for ids in seen]
+    assert [c.tolist() for c in counts] == [[e] * len(CLASSES) for e in expected]
+    after = seen[1:] + [final]
+    for before, now in zip(seen, after):  # a decoded token is never changed again
+        decoded = before != maskgit.mask_token_id
+        assert torch.equal(now[decoded], before[decoded])
+
+
+def test_maskgit_is_deterministic_under_a_seed(maskgit):
+    sampling = MaskGITSampling(num_steps=4, randomize_temperature=5.0)
+    a = maskgit_generate(maskgit, CLASSES, sampling, generator=torch.Generator().manual_seed(7))
+    b = maskgit.generate(CLASSES, generator=7, num_steps=4, randomize_temperature=5.0)
+    c = maskgit_generate(maskgit, CLASSES.repeat(4), sampling, generator=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a.repeat(4, 1), c)
+
+
+def test_maskgit_guidance_scale_one_power_cosine_equals_no_guidance(maskgit):
+    unguided = MaskGITSampling(num_steps=4, guidance_scale=0.0, guidance_decay="constant", randomize_temperature=2.0)
+    scale_one = MaskGITSampling(
+        num_steps=4, guidance_scale=1.0, guidance_decay="power-cosine", randomize_temperature=2.0
+    )
+    guided = MaskGITSampling(num_steps=4, guidance_scale=30.0, guidance_decay="constant", randomize_temperature=2.0)
+    reference = maskgit_generate(maskgit, CLASSES.repeat(4), unguided, generator=0)
+    assert torch.equal(maskgit_generate(maskgit, CLASSES.repeat(4), scale_one, generator=0), reference)
+    assert not torch.equal(maskgit_generate(maskgit, CLASSES.repeat(4), guided, generator=0), reference)
+
+
+def test_maskgit_guidance_is_a_no_op_when_the_null_class_equals_the_class(maskgit):
+    model = _randomised(type(maskgit)(**TINY, intermediate_size=64))
+    with torch.no_grad():
+        model.embeddings.weight[model.null_condition_id] = model.embeddings.weight[model.codebook_size + 1 + 2]
+    classes = torch.full((6,), 2)
+    guided = MaskGITSampling(num_steps=4, guidance_scale=5.0, guidance_decay="constant", randomize_temperature=2.0)
+    unguided = MaskGITSampling(num_steps=4, guidance_scale=0.0, guidance_decay="constant", randomize_temperature=2.0)
+    assert torch.equal(maskgit_generate(model, classes, guided, 0), maskgit_generate(model, classes, unguided, 0))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RAR
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_randomness_ratio_anneals_from_one_to_zero():
+    assert [randomness_ratio(s, 10, 20) for s in (0, 10, 15, 20, 30)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+
+
+def test_rar_orders_follow_the_random_ratio(rar):
+    raster = torch.arange(rar.image_seq_len).expand(64, -1)
+    rar.set_random_ratio(0.0)
+    assert torch.equal(rar.sample_orders(64, torch.device("cpu")), raster)
+    rar.set_random_ratio(1.0)
+    orders = rar.sample_orders(64, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert torch.equal(orders.sort(1).values, raster)
+    assert (orders != raster).any(1).float().mean() > 0.9
+    rar.set_random_ratio(0.0)
+
+
+def test_rar_training_labels_are_the_permuted_ids(rar):
+    ids = torch.randint(0, 16, (2, rar.image_seq_len))
+    orders = torch.stack([torch.randperm(rar.image_seq_len) for _ in range(2)])
+    condition = rar.preprocess_condition(torch.tensor([1, 2]))
+    with torch.no_grad():
+        logits, labels = rar(ids, condition, return_labels=True, orders=orders)
+    assert torch.equal(labels, ids.gather(1, orders))
+    assert logits.shape == (2, rar.image_seq_len + 1, rar.codebook_size)
+
+
+@pytest.mark.parametrize("rows", [2, 4])
+def test_rar_kv_cache_gives_the_uncached_logits_at_every_step(rar, rows):
+    ids = torch.randint(0, 16, (rows, rar.image_seq_len))
+    condition = rar.preprocess_condition(torch.arange(rows) % 5)
+    cache = rar.make_kv_cache()
+    with torch.no_grad():
+        for length in range(rar.image_seq_len + 1):
+            cached = rar.forward_fn(ids[:, :length], condition, is_sampling=True, kv_cache=cache)
+            full = rar.forward_fn(ids[:, :length], condition, is_sampling=True)
+            assert cached.shape == (rows, 1, rar.codebook_size) and full.shape == (rows, length + 1, rar.codebook_size)
+            torch.testing.assert_close(cached[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
+    assert cache.length == rar.image_seq_len + 2
+
+
+def test_rar_kv_cache_accepts_several_new_positions_after_a_prefix(rar):
+    ids = torch.randint(0, 16, (2, rar.image_seq_len))
+    condition = rar.preprocess_condition(torch.tensor([0, 4]))
+    cache = rar.make_kv_cache()
+    with torch.no_grad():
+        rar.forward_fn(ids[:, :2], condition, is_sampling=True, kv_cache=cache)
+        chunk = rar.forward_fn(ids[:, :6], condition, is_sampling=True, kv_cache=cache)
+        full = rar.forward_fn(ids[:, :6], condition, is_sampling=True)
+    torch.testing.assert_close(chunk, full[:, -4:], rtol=1e-5, atol=1e-5)
+
+
+def test_kv_cache_buffers_are_static_and_bounded():
+    cache = KVCache(num_layers=1, max_len=3)
+    k = torch.randn(2, 1, 2, 4)
+    keys, values = cache.update(0, k, k)
+    pointer = cache.keys.data_ptr()
+    cache.advance(2)
+    keys, _ = cache.update(0, k[:, :, :1], k[:, :, :1])
+    assert cache.keys.data_ptr() == pointer and keys.shape == (2, 1, 3, 4)
+    assert torch.equal(keys[:, :, :2], k) and torch.equal(keys[:, :, 2:], k[:, :, :1])
+    cache.advance(1)
+    with pytest.raises(ValueError):
+        cache.update(0, k[:, :, :1], k[:, :, :1])
+
+
+@pytest.mark.parametrize("guidance_scale", [0.0, 3.0])
+def test_rar_generate_shapes_ranges_and_cache_equivalence(rar, guidance_scale):
+    sampling = RARSampling(guidance_scale=guidance_scale, guidance_scale_pow=1.0, randomize_temperature=1.0)
+    with_cache = rar_generate(rar, CLASSES, sampling, generator=0)
+    without_cache = rar_generate(rar, CLASSES, replace(sampling, kv_cache=False), generator=0)
+    assert with_cache.shape == (3, rar.image_seq_len) and with_cache.dtype == torch.long
+    assert with_cache.min() >= 0 and with_cache.max() < rar.codebook_size
+    assert torch.equal(with_cache, without_cache)
+
+
+def test_rar_is_deterministic_and_guidance_scale_one_is_unguided(rar):
+    a = rar.generate(CLASSES, generator=5, guidance_scale=1.0)
+    assert torch.equal(a, rar_generate(rar, CLASSES, RARSampling(guidance_scale=0.0), torch.Generator().manual_seed(5)))
+    assert not torch.equal(rar.generate(CLASSES.repeat(4), generator=6), rar.generate(CLASSES.repeat(4), generator=5))
+    guided = rar.generate(CLASSES.repeat(4), generator=5, guidance_scale=8.0, guidance_scale_pow=0.0)
+    assert not torch.equal(guided, rar.generate(CLASSES.repeat(4), generator=5, guidance_scale=1.0))
