@@ -6,12 +6,14 @@ The networks are frozen and stay in eval mode even when a parent module is put i
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torchvision.models import ConvNeXt_Small_Weights, VGG16_Weights, convnext_small
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -43,17 +45,19 @@ def parse_perceptual_name(model_name: str) -> tuple[float, float]:
     return weight_lpips, weight_convnext
 
 
-def _weights_help() -> str:
-    from torchvision.models import ConvNeXt_Small_Weights, VGG16_Weights
+def _cached_weight_path(weights) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
 
-    cache = f"{torch.hub.get_dir()}/checkpoints"
-    return (
-        f"torchvision convnext_small ConvNeXt_Small_Weights.IMAGENET1K_V1 ({ConvNeXt_Small_Weights.IMAGENET1K_V1.url}) "
-        f"for the ConvNeXt-S term and/or torchvision vgg16 VGG16_Weights.IMAGENET1K_V1 "
-        f"({VGG16_Weights.IMAGENET1K_V1.url}) for the LPIPS backbone (the LPIPS linear layers ship with the "
-        f"`lpips` package). Put the .pth files in {cache} (set TORCH_HOME to move it), or build with "
-        "pretrained=False for random weights (tests only)."
-    )
+
+def _ensure_cached(weights) -> None:
+    """Download a torchvision weight file into the torch hub cache unless it is there already.
+
+    Done before building the network, so that an offline machine fails at once with a clear error.
+    """
+    path = _cached_weight_path(weights)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.hub.download_url_to_file(weights.url, path, progress=False)
 
 
 def _build_lpips(pretrained: bool) -> nn.Module:
@@ -61,16 +65,34 @@ def _build_lpips(pretrained: bool) -> nn.Module:
         import lpips
     except ImportError as err:
         raise ImportError("the LPIPS perceptual loss needs the `lpips` package: pip install lpips") from err
+    if pretrained:
+        _ensure_cached(VGG16_Weights.IMAGENET1K_V1)
     with warnings.catch_warnings():
         # lpips still passes torchvision's deprecated `pretrained=` flag.
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        # The linear layers (v0.1, "vgg") ship with the package; pnet_rand only concerns the VGG16 trunk.
         return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=not pretrained, verbose=False)
 
 
 def _build_convnext(pretrained: bool) -> nn.Module:
-    from torchvision.models import ConvNeXt_Small_Weights, convnext_small
-
+    if pretrained:
+        _ensure_cached(ConvNeXt_Small_Weights.IMAGENET1K_V1)
     return convnext_small(weights=ConvNeXt_Small_Weights.IMAGENET1K_V1 if pretrained else None)
+
+
+def _missing_weights_message(model_name: str, err: Exception) -> str:
+    needed = []
+    if "lpips" in model_name:
+        needed.append(f"torchvision vgg16 VGG16_Weights.IMAGENET1K_V1 ({VGG16_Weights.IMAGENET1K_V1.url}) for LPIPS")
+    if "convnext_s" in model_name:
+        weights = ConvNeXt_Small_Weights.IMAGENET1K_V1
+        needed.append(f"torchvision convnext_small ConvNeXt_Small_Weights.IMAGENET1K_V1 ({weights.url})")
+    return (
+        f"PerceptualLoss({model_name!r}) could not load its pretrained weights ({err}). Download "
+        + " and ".join(needed)
+        + f" into {os.path.join(torch.hub.get_dir(), 'checkpoints')} (set TORCH_HOME to move it); the LPIPS "
+        "linear layers ship with the `lpips` package. Tests can build with pretrained=False (random weights)."
+    )
 
 
 class PerceptualLoss(nn.Module):
@@ -93,10 +115,7 @@ class PerceptualLoss(nn.Module):
             self.lpips = _build_lpips(pretrained) if self.weight_lpips > 0 else None
             self.convnext = _build_convnext(pretrained) if self.weight_convnext > 0 else None
         except (OSError, RuntimeError) as err:  # URLError is an OSError
-            raise PretrainedWeightsUnavailableError(
-                f"PerceptualLoss({model_name!r}) could not load its pretrained weights ({err}). Needed: "
-                + _weights_help()
-            ) from err
+            raise PretrainedWeightsUnavailableError(_missing_weights_message(model_name, err)) from err
         self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
