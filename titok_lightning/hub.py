@@ -98,12 +98,13 @@ def _truthy_env(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _how_to_fetch(repo_id: str, filenames: Iterable[str]) -> str:
-    files = " ".join(filenames)
+def _how_to_fetch(repo_id: str, filenames: list[str]) -> str:
+    single_file = len(filenames) == 1 and filenames[0] not in HF_WEIGHT_FILES
+    target = f"<DIR>/{filenames[0]}" if single_file else "<DIR>"
     return (
         f"Download it on a machine with internet access, e.g.\n"
-        f"  huggingface-cli download {repo_id} {files} --local-dir <DIR>\n"
-        f"(files at https://huggingface.co/{repo_id}), then load_pretrained('<DIR>') here, or copy the "
+        f"  huggingface-cli download {repo_id} {' '.join(filenames)} --local-dir <DIR>\n"
+        f"(files at https://huggingface.co/{repo_id}), then load_pretrained('{target}') here, or copy the "
         f"Hugging Face cache (HF_HOME) so that hf_hub_download finds them offline."
     )
 
@@ -214,15 +215,21 @@ def _read_config(path: Path | None) -> dict[str, Any] | None:
 # ---------------------------------------------------------------- model construction
 
 
+def _config_extras(config: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Optional top-level ``size_presets`` / ``patched_constants`` (as in the parity fixtures), which let
+    a config.json describe sizes the reference's size names cannot."""
+    return config.get("size_presets"), config.get("patched_constants")
+
+
 def _kwargs_from_config(model_cls: type, config: Mapping[str, Any]) -> dict[str, Any] | None:
     make = getattr(model_cls, "kwargs_from_reference_config", None)
-    return None if make is None else make(config)
+    return None if make is None else make(config, *_config_extras(config))
 
 
 def _build(model_cls: type, kwargs: dict[str, Any] | None, config: Mapping[str, Any] | None) -> nn.Module:
     if kwargs is not None:
         return model_cls(**kwargs)
-    return model_cls.from_reference_config(config)
+    return model_cls.from_reference_config(config, *_config_extras(config))
 
 
 def _fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> bool:
@@ -258,23 +265,23 @@ def _candidates(
     return out
 
 
-def load_pretrained(name_or_source: str, **overrides: Any) -> nn.Module:
+def load_pretrained(name_or_source: str, *, variant: str | None = None, **overrides: Any) -> nn.Module:
     """Build a model and load official (reference-format) weights into it; returns it in eval mode.
 
     ``name_or_source``: a registry variant, a local checkpoint file or directory, ``"owner/repo"`` or
-    ``"owner/repo/file"`` on Hugging Face. ``overrides`` replace constructor arguments (e.g.
-    ``finetune_decoder=False``). Raises :class:`PretrainedNotAvailableError` when the weights cannot
-    be found or downloaded, ``CheckpointMismatchError`` (naming missing / unexpected keys) when they
-    do not fit.
+    ``"owner/repo/file"`` on Hugging Face. ``variant`` names the registry variant of a checkpoint given
+    by path or repo (its class, and its kwargs unless the checkpoint has a config.json). ``overrides``
+    replace constructor arguments (e.g. ``finetune_decoder=False``). Raises
+    :class:`PretrainedNotAvailableError` when the weights cannot be found or downloaded,
+    ``CheckpointMismatchError`` (naming missing / unexpected keys) when they do not fit.
     """
-    spec = None
-    if name_or_source in list_models():
+    spec = get_spec(variant) if variant is not None else None
+    source = name_or_source
+    if variant is None and name_or_source in list_models():
         spec = get_spec(name_or_source)
         if spec.checkpoint is None:
             raise PretrainedNotAvailableError(f"variant {spec.name!r} has no published checkpoint")
         source = spec.checkpoint
-    else:
-        source = name_or_source
     weights, config_path = resolve_files(source)
     state_dict = load_state_dict_file(weights)
     config = _read_config(config_path)
