@@ -250,3 +250,14 @@ def test_rar_is_deterministic_and_guidance_scale_one_is_unguided(rar):
     assert not torch.equal(rar.generate(CLASSES.repeat(4), generator=6), rar.generate(CLASSES.repeat(4), generator=5))
     guided = rar.generate(CLASSES.repeat(4), generator=5, guidance_scale=8.0, guidance_scale_pow=0.0)
     assert not torch.equal(guided, rar.generate(CLASSES.repeat(4), generator=5, guidance_scale=1.0))
+
+
+def test_rar_raster_positions_match_explicit_raster_orders(rar):
+    ids = torch.randint(0, 16, (2, rar.image_seq_len))
+    condition = rar.preprocess_condition(torch.tensor([3, 1]))
+    raster = torch.arange(rar.image_seq_len).expand(2, -1)
+    with torch.no_grad():
+        for length, sampling in [(rar.image_seq_len, False), (3, True), (0, True)]:
+            implicit = rar.forward_fn(ids[:, :length], condition, is_sampling=sampling)
+            explicit = rar.forward_fn(ids[:, :length], condition, orders=raster, is_sampling=sampling)
+            torch.testing.assert_close(implicit, explicit, rtol=1e-6, atol=1e-6)

@@ -148,7 +148,8 @@ class MaskGITGenerator(nn.Module):
     # -- reference checkpoints -------------------------------------------------------------------------------
 
     @classmethod
-    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
+    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
+        """Constructor kwargs from the reference's nested config (its ``model.generator`` section)."""
         gen = config["model"]["generator"]
         model_type = gen.get("model_type", "ViT")
         if model_type != cls.model_type:
@@ -176,7 +177,7 @@ class MaskGITGenerator(nn.Module):
 
     @classmethod
     def from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> MaskGITGenerator:
-        return cls(**cls.kwargs_from_reference_config(config))
+        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
 
 
 class PostNormBlock(nn.Module):
@@ -337,7 +338,7 @@ class UViTBert(MaskGITGenerator):
         return self.norm(x)
 
     @classmethod
-    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
+    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
         # The reference's U-ViT blocks are built without dropout whatever the config says.
         return {**super().kwargs_from_reference_config(config), "dropout": 0.0, "attn_drop": 0.0}
 

@@ -304,8 +304,10 @@ class RAR(nn.Module):
         also gets the target-aware row of the token it predicts, ``2 + orders[p - 1]`` (none for the cls
         position and past the end).
         """
-        if orders is None:
-            orders = torch.arange(self.image_seq_len, device=device)[None]
+        if orders is None:  # raster: contiguous table rows, no gather (the per-step sampling path)
+            lo, hi = max(start, 1), min(end, self.image_seq_len + 1)
+            target = F.pad(self.target_aware_pos_embed[:, lo + 1 : hi + 1], (0, 0, lo - start, end - hi))
+            return self.pos_embed[:, start:end] + target
         prefix_rows = torch.arange(PREFIX_LEN, device=device).expand(orders.shape[0], -1)
         rows = torch.cat([prefix_rows, orders + PREFIX_LEN], dim=1)[:, start:end]
         embed = self.pos_embed[0][rows]
@@ -332,10 +334,11 @@ class RAR(nn.Module):
     # -- reference checkpoints -----------------------------------------------------------------------------
 
     @classmethod
-    def from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> RAR:
+    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
+        """Constructor kwargs from the reference's nested config (its ``model.generator`` section)."""
         gen = config["model"]["generator"]
         defaults = RARSampling()
-        return cls(
+        return dict(
             codebook_size=config["model"]["vq_model"]["codebook_size"],
             image_seq_len=gen["image_seq_len"],
             num_classes=gen["condition_num_classes"],
@@ -348,12 +351,18 @@ class RAR(nn.Module):
             class_label_dropout=gen.get("class_label_dropout", 0.1),
             randomness_anneal_start=gen.get("randomness_anneal_start", 125_000),
             randomness_anneal_end=gen.get("randomness_anneal_end", 187_500),
-            sampling=RARSampling(
-                guidance_scale=gen.get("guidance_scale", defaults.guidance_scale),
-                guidance_scale_pow=gen.get("guidance_scale_pow", defaults.guidance_scale_pow),
-                randomize_temperature=gen.get("randomize_temperature", defaults.randomize_temperature),
+            sampling=asdict(
+                RARSampling(
+                    guidance_scale=gen.get("guidance_scale", defaults.guidance_scale),
+                    guidance_scale_pow=gen.get("guidance_scale_pow", defaults.guidance_scale_pow),
+                    randomize_temperature=gen.get("randomize_temperature", defaults.randomize_temperature),
+                )
             ),
         )
+
+    @classmethod
+    def from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> RAR:
+        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
 
     @staticmethod
     def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
