@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from einops.layers.torch import Rearrange
 
-from titok_lightning.convert import rename_keys
+from titok_lightning.convert import load_reference_state_dict, rename_keys
 from titok_lightning.models.blocks import Block, init_trunc_normal
 from titok_lightning.models.maskgit_vqgan import MASKGIT_VQGAN_F16_256, Decoder, conv_kwargs, pixel_quantizer
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution, VectorQuantizer
@@ -480,8 +480,6 @@ def load_stage2_init(
 
     Loads strictly: every key of ``model`` must come from exactly one of the two checkpoints.
     """
-    from titok_lightning.convert import load_reference_state_dict
-
     if not model.finetune_decoder:
         raise ValueError("load_stage2_init needs a stage-2 model (finetune_decoder=True)")
     stage1 = {k: v for k, v in stage1_state_dict.items() if not k.startswith(("pixel_quantize.", "pixel_decoder."))}
