@@ -1,0 +1,309 @@
+"""Pre-tokenized data: token shards (writer + LightningDataModule) and the reference's JSONL format.
+
+Token shard sample: `<key>.tokens.npy` (an `np.save` array: int16/int32/int64 token ids, or float16/32
+continuous tokens), `<key>.cls` (class index) or `<key>.txt` (caption), optionally `<key>.json` with
+`aesthetic_score`. The reference's text-to-image shards are read too: `<key>.token.npy` holding a
+headerless float16 buffer (`raw_token_dtype`) and `<key>.aes_score` as text.
+
+Batches: {"tokens": ..., "class_id": long [B] | "text": list[str], "aesthetic_score": float32 [B]
+(with_aesthetic_score=True), "key": list[str]}, where "tokens" is
+  - VQ (discrete) tokens: long [B, N] (integer arrays, or float arrays with token_dtype="int64");
+  - VAE (continuous) tokens: float32 [B, C, N], channels first, exactly as stored per sample. For
+    MaskGen-KL the stored values are the posterior moments, C = 2 x token_size (mean channels, then
+    log-variance channels), matching the reference's flat buffers read with tokens_shape=[2 * C, N].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.convert import write_shards
+from datamodules.shards import SampleDecoder, ShardedDataModule, ShardSpec, collate_samples
+
+_NPY_MAGIC = b"\x93NUMPY"
+TOKEN_DTYPES = (None, "int64", "float32")
+
+
+def _as_numpy(tokens: Any) -> np.ndarray:
+    if isinstance(tokens, torch.Tensor):
+        return tokens.detach().cpu().numpy()
+    return np.asarray(tokens)
+
+
+def _compact(tokens: np.ndarray) -> np.ndarray:
+    """Integer ids in the smallest of int16/int32 that holds them; floats unchanged."""
+    if not np.issubdtype(tokens.dtype, np.integer):
+        if not np.issubdtype(tokens.dtype, np.floating):
+            raise TypeError(f"tokens must be integer or floating point, got {tokens.dtype}")
+        return tokens
+    for dtype in (np.int16, np.int32):
+        limits = np.iinfo(dtype)
+        if tokens.size == 0 or (tokens.min() >= limits.min and tokens.max() <= limits.max):
+            return tokens.astype(dtype)
+    return tokens.astype(np.int64)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_token_shards(
+    samples: Iterable[dict[str, Any]],
+    out_pattern: str,
+    maxcount: int = 10000,
+    total: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> list[str]:
+    """Write pre-tokenized samples into webdataset shards readable by TokenDataModule.
+
+    Args:
+        samples: dicts with "tokens" (numpy array or tensor: VQ ids [N], or continuous [C, N] channels
+            first), and "class_id" (int) or "text" (str); optional "aesthetic_score" (float) and "key"
+            (str without dots; default the running index as %09d). Integer ids are stored as int16 when
+            they fit (else int32); floating tokens keep their dtype (float16 halves the size).
+        out_pattern: e.g. `tokens/train-%06d.tar`.
+        maxcount: samples per shard. total / progress: progress bar. overwrite: replace matching files.
+
+    Returns:
+        The shard paths written.
+    """
+
+    def encoded() -> Iterable[dict[str, Any]]:
+        for index, sample in enumerate(samples):
+            record: dict[str, Any] = {
+                "__key__": str(sample.get("key", f"{index:09d}")),
+                "tokens.npy": _npy_bytes(_compact(_as_numpy(sample["tokens"]))),
+            }
+            if "class_id" in sample:
+                record["cls"] = str(int(sample["class_id"]))
+            if "text" in sample:
+                record["txt"] = sample["text"]
+            if "aesthetic_score" in sample:
+                record["json"] = json.dumps({"aesthetic_score": float(sample["aesthetic_score"])})
+            yield record
+
+    return write_shards(encoded(), out_pattern, maxcount, total=total, progress=progress, overwrite=overwrite)
+
+
+def decode_token_array(data: bytes, raw_dtype: str = "float16") -> np.ndarray:
+    """`np.save` bytes -> array; headerless bytes (the reference's shards) -> 1-D array of `raw_dtype`."""
+    if data.startswith(_NPY_MAGIC):
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    return np.frombuffer(data, dtype=raw_dtype)
+
+
+def _to_tensor(tokens: np.ndarray, token_dtype: str | None) -> torch.Tensor:
+    """Integer ids -> long, floats -> float32, unless `token_dtype` forces one ("int64" checks integrality)."""
+    wants_ids = token_dtype == "int64" or (token_dtype is None and np.issubdtype(tokens.dtype, np.integer))
+    if wants_ids:
+        if not np.issubdtype(tokens.dtype, np.integer) and not np.array_equal(tokens, np.round(tokens)):
+            raise ValueError("token_dtype='int64' but the stored tokens are not whole numbers")
+        return torch.from_numpy(tokens.astype(np.int64))
+    return torch.from_numpy(tokens.astype(np.float32))
+
+
+class TokenSampleDecoder:
+    """Raw token-shard sample -> {"tokens", "class_id" | "text", ["aesthetic_score"], "key"}.
+
+    Every sample of one worker must have the same token shape (a mismatch is a corrupt sample).
+    """
+
+    def __init__(
+        self,
+        label_key: str | None,
+        token_dtype: str | None,
+        tokens_shape: Sequence[int] | None,
+        raw_token_dtype: str,
+        with_aesthetic_score: bool,
+    ):
+        self.label_key = label_key
+        self.token_dtype = token_dtype
+        self.tokens_shape = tuple(tokens_shape) if tokens_shape is not None else None
+        self.raw_token_dtype = raw_token_dtype
+        self.with_aesthetic_score = with_aesthetic_score
+        self._shape_seen: tuple[int, ...] | None = None
+
+    @staticmethod
+    def _aesthetic_score(sample: dict[str, Any]) -> float:
+        if "json" in sample:
+            meta = json.loads(sample["json"])
+            for name in ("aesthetic_score", "aes_score"):
+                if name in meta:
+                    return float(meta[name])
+        for name in ("aesthetic_score", "aes_score"):
+            if name in sample:
+                return float(sample[name])
+        raise KeyError("no aesthetic score (json aesthetic_score / aes_score entry)")
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        data = sample.get("tokens.npy", sample.get("token.npy"))
+        if data is None:
+            raise KeyError(f"no tokens.npy / token.npy among {sorted(sample)}")
+        tokens = decode_token_array(data, self.raw_token_dtype)
+        if self.tokens_shape is not None:
+            tokens = tokens.reshape(self.tokens_shape)
+        if self._shape_seen is None:
+            self._shape_seen = tokens.shape
+        elif tokens.shape != self._shape_seen:
+            raise ValueError(f"token shape {tokens.shape} differs from earlier samples' {self._shape_seen}")
+        decoded: dict[str, Any] = {"tokens": _to_tensor(tokens, self.token_dtype)}
+        if self.label_key == "cls":
+            decoded["class_id"] = int(sample["cls"])
+        elif self.label_key == "txt":
+            decoded["text"] = sample["txt"].decode("utf-8")
+        if self.with_aesthetic_score:
+            decoded["aesthetic_score"] = self._aesthetic_score(sample)
+        decoded["key"] = sample["__key__"]
+        return decoded
+
+
+class PretokenizedJsonl(Dataset):
+    """Map-style dataset over the reference's pre-tokenized JSONL (`{"class_id": int, "tokens": [...]}` lines).
+
+    Items: {"tokens": long [N] (nested token lists are flattened row-major), "class_id": int}. Line
+    offsets are indexed once at construction; the file is opened lazily in each worker process.
+    """
+
+    def __init__(self, path: str):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"pre-tokenized jsonl {path!r} does not exist")
+        self.path = path
+        offsets = []
+        with open(path, "rb") as file:
+            position = 0
+            for line in file:
+                if line.strip():
+                    offsets.append(position)
+                position += len(line)
+        if not offsets:
+            raise ValueError(f"pre-tokenized jsonl {path!r} is empty")
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._file = None
+        self._file_pid = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._file is None or self._file_pid != os.getpid():  # a forked worker must not share the handle
+            self._file, self._file_pid = open(self.path, "rb"), os.getpid()
+        self._file.seek(int(self.offsets[index]))
+        record = json.loads(self._file.readline())
+        tokens = torch.as_tensor(record["tokens"], dtype=torch.long).reshape(-1)
+        return {"tokens": tokens, "class_id": int(record["class_id"])}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_file_pid": None}
+
+
+class TokenDataModule(ShardedDataModule):
+    """Pre-tokenized shards (or the reference's JSONL) -> training batches; see ShardedDataModule.
+
+    Args:
+        train_shards / val_shards: token shards (brace pattern, glob, directory, or list), as ImageDataModule.
+        train_jsonl: instead of train_shards, the reference's pre-tokenized JSONL (class-conditional);
+            read map-style with shuffling (Lightning adds the DistributedSampler), last partial batch dropped.
+        label_key: "cls" (-> "class_id"), "txt" (-> "text") or None.
+        token_dtype: None (integer -> long, float -> float32), "int64" (e.g. VQ ids stored as float16 by
+            the reference) or "float32".
+        tokens_shape: reshape each sample's tokens (needed for headerless reference buffers, e.g.
+            [2 * token_size, num_tokens] for MaskGen-KL moments); None keeps the stored shape.
+        raw_token_dtype: dtype of headerless token buffers (the reference writes float16).
+        with_aesthetic_score: add batch["aesthetic_score"] (samples without one are skipped and counted).
+        Others (batch_size, num_workers, samples_per_epoch, seed, rank, world_size, ...): as ImageDataModule.
+    """
+
+    def __init__(
+        self,
+        train_shards: ShardSpec | None = None,
+        val_shards: ShardSpec | None = None,
+        train_jsonl: str | None = None,
+        label_key: str | None = "cls",
+        token_dtype: str | None = None,
+        tokens_shape: Sequence[int] | None = None,
+        raw_token_dtype: str = "float16",
+        with_aesthetic_score: bool = False,
+        batch_size: int = 64,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        pin_memory: bool | None = None,
+        shuffle_buffer: int = 5000,
+        shuffle_initial: int = 1000,
+        samples_per_epoch: int | None = None,
+        seed: int | None = None,
+        max_consecutive_skips: int = 100,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
+        super().__init__(
+            train_shards=train_shards,
+            val_shards=val_shards,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            shuffle_buffer=shuffle_buffer,
+            shuffle_initial=shuffle_initial,
+            samples_per_epoch=samples_per_epoch,
+            seed=seed,
+            max_consecutive_skips=max_consecutive_skips,
+            rank=rank,
+            world_size=world_size,
+        )
+        if train_jsonl is not None and train_shards is not None:
+            raise ValueError("give train_shards or train_jsonl, not both")
+        if label_key not in ("cls", "txt", None):
+            raise ValueError(f"label_key must be 'cls', 'txt' or None, got {label_key!r}")
+        if token_dtype not in TOKEN_DTYPES:
+            raise ValueError(f"token_dtype must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
+        self.save_hyperparameters(logger=False)
+        self.train_jsonl = train_jsonl
+        self.label_key = label_key
+        self.token_dtype = token_dtype
+        self.tokens_shape = list(tokens_shape) if tokens_shape is not None else None
+        self.raw_token_dtype = raw_token_dtype
+        self.with_aesthetic_score = with_aesthetic_score
+        self.train_jsonl_dataset: PretokenizedJsonl | None = None
+
+    def _decoder(self) -> SampleDecoder:
+        return TokenSampleDecoder(
+            self.label_key, self.token_dtype, self.tokens_shape, self.raw_token_dtype, self.with_aesthetic_score
+        )
+
+    train_decoder = _decoder
+    val_decoder = _decoder
+
+    def _has_other_train_source(self) -> bool:
+        return self.train_jsonl is not None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.train_jsonl is not None and stage in (None, "fit"):
+            self.train_jsonl_dataset = PretokenizedJsonl(self.train_jsonl)
+            per_rank = -(-len(self.train_jsonl_dataset) // self.world_size)  # DistributedSampler pads up
+            self.train_batches_per_rank = per_rank // self.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_jsonl_dataset is None:
+            return super().train_dataloader()
+        return DataLoader(
+            self.train_jsonl_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_samples,
+        )
