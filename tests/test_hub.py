@@ -18,7 +18,7 @@ from titok_lightning.registry import get_spec
 
 SIZE_PRESETS = {"tiny": {"width": 32, "num_layers": 1, "num_heads": 2}}
 TINY_PIXEL = dict(
-    channel_mult=[1, 1], num_resolutions=2, dropout=0.0, hidden_channels=32, num_channels=3, num_res_blocks=1,
+    channel_mult=[1, 1, 1, 1], num_resolutions=4, dropout=0.0, hidden_channels=32, num_channels=3, num_res_blocks=1,
     resolution=16, z_channels=32,
 )  # fmt: skip
 

@@ -112,14 +112,14 @@ def _how_to_fetch(repo_id: str, filenames: list[str]) -> str:
 def _hf_download(repo_id: str, filename: str, *, local_only: bool = False) -> str | None:
     """Path of ``filename`` from ``repo_id`` (cached or downloaded); None if the repo has no such file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return hf_hub_download(repo_id, filename, local_files_only=local_only or _truthy_env("HF_HUB_OFFLINE"))
-    except RemoteEntryNotFoundError:
-        return None
-    except LocalEntryNotFoundError:
+    except LocalEntryNotFoundError:  # not cached and no way to reach the hub
         raise
+    except EntryNotFoundError:  # the hub answered: no such file in the repo
+        return None
     except RepositoryNotFoundError:
         raise PretrainedNotAvailableError(
             f"Hugging Face repo {repo_id!r} does not exist or is not accessible (private or gated). "

@@ -237,8 +237,19 @@ class TiTok(nn.Module):
             raise ValueError(f"quantize_mode must be 'vq' or 'vae', got {quantize_mode!r}")
         if finetune_decoder and (quantize_mode != "vq" or not is_legacy):
             raise ValueError("finetune_decoder (stage 2) needs quantize_mode='vq' and is_legacy=True")
-        if finetune_decoder and num_proxy_codes != pixel_codebook_size:
-            raise ValueError(f"{num_proxy_codes} proxy codes but a pixel codebook of {pixel_codebook_size}")
+        pixel_vqgan = pixel_vqgan or MASKGIT_VQGAN_F16_256
+        if finetune_decoder:
+            upsampling = 2 ** (pixel_vqgan["num_resolutions"] - 1)
+            if num_proxy_codes != pixel_codebook_size or pixel_codebook_dim != pixel_vqgan["z_channels"]:
+                raise ValueError(
+                    f"stage 2 needs num_proxy_codes == pixel_codebook_size and pixel_codebook_dim == the pixel "
+                    f"decoder's z_channels; got {num_proxy_codes}, {pixel_codebook_size}, {pixel_codebook_dim}, "
+                    f"{pixel_vqgan['z_channels']}"
+                )
+            if upsampling != decoder_patch_size:
+                raise ValueError(
+                    f"the pixel decoder upsamples by {upsampling}, the decoder patch is {decoder_patch_size}"
+                )
         self.quantize_mode = quantize_mode
         self.finetune_decoder = finetune_decoder
         self.num_latent_tokens = num_latent_tokens
@@ -272,7 +283,7 @@ class TiTok(nn.Module):
             self.quantize = VectorQuantizer(codebook_size, token_size, commitment_cost, use_l2_norm, clustering_vq)
         if finetune_decoder:
             self.pixel_quantize = pixel_quantizer(pixel_codebook_size, pixel_codebook_dim)
-            self.pixel_decoder = Decoder(**conv_kwargs(pixel_vqgan or MASKGIT_VQGAN_F16_256))
+            self.pixel_decoder = Decoder(**conv_kwargs(pixel_vqgan))
         self.init_weights()
         if finetune_decoder:
             self.encoder.requires_grad_(False)
