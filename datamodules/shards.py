@@ -222,6 +222,21 @@ class PartitionedSamples(IterableDataset):
             yield from islice(samples, reader, None, readers)
 
 
+class FixedLengthIterable(IterableDataset):
+    """An iterable with a declared `len()` (webdataset's `with_length` makes a class that cannot be pickled,
+    which breaks spawn-started DataLoader workers)."""
+
+    def __init__(self, iterable: Iterable, length: int):
+        super().__init__()
+        self.iterable, self.length = iterable, length
+
+    def __iter__(self) -> Iterator:
+        return iter(self.iterable)
+
+    def __len__(self) -> int:
+        return self.length
+
+
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Collate decoded sample dicts: tensors/arrays stack, ints -> long [B], floats -> float32 [B], str -> list."""
     batch: dict[str, Any] = {}
@@ -387,8 +402,8 @@ class ShardedDataModule(L.LightningDataModule):
             SkippingMap(self.train_decoder(), self.skip_counter),
             wds.batched(self.batch_size, partial=False, collation_fn=collate_samples),
         )
-        pipeline = pipeline.with_epoch(self.train_batches_per_rank // workers)
-        return self._loader(pipeline.with_length(self.train_batches_per_rank, silent=True))
+        pipeline = pipeline.with_epoch(self.train_batches_per_rank // workers)  # per worker
+        return self._loader(FixedLengthIterable(pipeline, self.train_batches_per_rank))
 
     def _eval_loader(self) -> DataLoader | list:
         if not self.val_urls:
