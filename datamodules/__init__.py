@@ -1,29 +1,11 @@
 """Data side of titok-lightning: webdataset LightningDataModules, the shard converter, the digits demo data.
 
-- ImageDataModule: image shards (class or caption labels) -> {"image", "class_id" | "text", "key"}.
-- DigitsDataModule: scikit-learn's digits as 32x32 RGB shards, prepared offline on first use.
-- TokenDataModule: pre-tokenized shards (or the reference's JSONL) -> {"tokens", labels}.
-- `python -m datamodules.convert`: image folder / caption list -> shards.
+Import from the modules (kept out of this file so that `python -m datamodules.convert` stays light):
+- datamodules.images.ImageDataModule: image shards (class or caption labels) -> {"image", "class_id" | "text", "key"}.
+- datamodules.digits.DigitsDataModule: scikit-learn's digits as 32x32 RGB shards, prepared offline on first use;
+  datamodules.digits.load_digits_arrays for the same pixels as arrays.
+- datamodules.tokens.TokenDataModule: pre-tokenized shards (or the reference's JSONL) -> {"tokens", labels};
+  datamodules.tokens.write_token_shards writes them.
+- datamodules.convert: image folder / caption list -> shards (CLI `python -m datamodules.convert`).
+- datamodules.shards: the shared webdataset plumbing and the ShardedDataModule base.
 """
-
-from datamodules.convert import convert_caption_list, convert_image_folder, write_shards
-from datamodules.digits import DigitsArrays, DigitsDataModule, load_digits_arrays, prepare_digits
-from datamodules.images import ImageDataModule
-from datamodules.shards import ShardedDataModule, resolve_shards
-from datamodules.tokens import PretokenizedJsonl, TokenDataModule, write_token_shards
-
-__all__ = [
-    "DigitsArrays",
-    "DigitsDataModule",
-    "ImageDataModule",
-    "PretokenizedJsonl",
-    "ShardedDataModule",
-    "TokenDataModule",
-    "convert_caption_list",
-    "convert_image_folder",
-    "load_digits_arrays",
-    "prepare_digits",
-    "resolve_shards",
-    "write_shards",
-    "write_token_shards",
-]
