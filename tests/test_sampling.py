@@ -209,6 +209,19 @@ def test_rar_kv_cache_gives_the_uncached_logits_at_every_step(rar, rows):
     assert cache.length == rar.image_seq_len + 2
 
 
+def test_rar_static_decode_step_gives_the_uncached_logits_at_every_step(rar):
+    ids = torch.randint(0, 16, (3, rar.image_seq_len))
+    condition = rar.preprocess_condition(torch.tensor([0, 2, 4]))
+    cache = rar.make_kv_cache()
+    with torch.no_grad():
+        rar.forward_fn(ids[:, :0], condition, is_sampling=True, kv_cache=cache)
+        for step in range(1, rar.image_seq_len):  # the last token is never fed back
+            position = torch.tensor(step + 1)
+            cached = rar.decode_step(ids[:, step - 1], condition, position, cache)
+            full = rar.forward_fn(ids[:, :step], condition, is_sampling=True)[:, -1]
+            torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+
+
 def test_rar_kv_cache_accepts_several_new_positions_after_a_prefix(rar):
     ids = torch.randint(0, 16, (2, rar.image_seq_len))
     condition = rar.preprocess_condition(torch.tensor([0, 4]))

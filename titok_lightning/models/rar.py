@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from titok_lightning.models.blocks import Attention, Mlp, init_trunc_normal, modulate
 from titok_lightning.registry import register_model
@@ -48,6 +49,8 @@ class RARSampling:
     randomize_temperature: float = 1.0
     """Softmax temperature."""
     kv_cache: bool = True
+    cuda_graph: bool = True
+    """With the KV cache on a CUDA device, replay each decoding step from a CUDA graph."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,9 +61,10 @@ class RARSampling:
 class KVCache:
     """Keys and values of every layer in preallocated [layers, B, heads, max_len, head_dim] buffers.
 
-    The buffers are allocated on the first write with the dtype and batch of the keys (so autocast works)
-    and then written in place; ``length`` counts the cached positions and advances once all layers have
-    seen a chunk.
+    The buffers are allocated on the first write with the dtype and batch of the values (so autocast
+    works) and then written in place, either after the ``length`` cached positions (:meth:`update`, which
+    returns views of the filled part; ``length`` advances once all layers have seen a chunk) or at a
+    position given as a device tensor (:meth:`write`, static shapes for CUDA graphs).
     """
 
     def __init__(self, num_layers: int, max_len: int):
@@ -70,18 +74,32 @@ class KVCache:
         self.values: torch.Tensor | None = None
         self.length = 0
 
+    def _allocate(self, v: torch.Tensor) -> None:
+        if self.keys is None:
+            b, h, _, d = v.shape
+            self.keys = v.new_zeros(self.num_layers, b, h, self.max_len, d)
+            self.values = v.new_zeros(self.num_layers, b, h, self.max_len, d)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values [B, H, T, D] at ``length`` and return all cached ones [B, H, length+T, D]."""
-        if self.keys is None:
-            b, h, _, d = k.shape
-            self.keys = k.new_empty(self.num_layers, b, h, self.max_len, d)
-            self.values = v.new_empty(self.num_layers, b, h, self.max_len, d)
+        self._allocate(v)
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} were requested")
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def write(
+        self, layer: int, position: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one position's keys/values [B, H, 1, D] at ``position`` (a 0-dim long tensor) and return
+        the whole buffers [B, H, max_len, D]; slots past ``position`` must be masked by the caller."""
+        self._allocate(v)
+        index = position.view(1)
+        self.keys[layer].index_copy_(2, index, k)
+        self.values[layer].index_copy_(2, index, v)
+        return self.keys[layer], self.values[layer]
 
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
@@ -104,25 +122,41 @@ class RARBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+        position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x, c: [B, T, D]; with ``kv_cache`` the T new positions follow the cached ones."""
+        """x, c: [B, T, D]; with ``kv_cache`` the T new positions follow the cached ones, or, given
+        ``position`` (0-dim tensor), the single new position is that one (static shapes)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         q, k, v = self.attn.project_qkv(modulate(self.norm1(x), shift_msa, scale_msa))
-        start = 0
-        if kv_cache is not None:
-            start = kv_cache.length
-            k, v = kv_cache.update(layer, k, v)
-        new = q.shape[2]
-        if start == 0:
-            attn = self.attn.attend(q, k, v, is_causal=new > 1)
-        elif new == 1:
-            attn = self.attn.attend(q, k, v)
-        else:  # several new positions after a cached prefix: causal with an offset
-            allowed = torch.ones(new, start + new, dtype=torch.bool, device=q.device).tril(diagonal=start)
-            attn = self.attn.attend(q, k, v, attn_mask=allowed)
+        # Under autocast the qk-norm returns fp32 and SDPA casts to the value dtype anyway; casting here
+        # keeps the cached keys in that dtype too.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        attn = self._attend(q, k, v, kv_cache, layer, position)
         x = x + gate_msa * attn
         return x + gate_mlp * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+    def _attend(self, q, k, v, kv_cache: KVCache | None, layer: int, position: torch.Tensor | None) -> torch.Tensor:
+        if kv_cache is None:
+            return self.attn.attend(q, k, v, is_causal=True)
+        if position is not None:
+            k, v = kv_cache.write(layer, position, k, v)
+            visible = (torch.arange(k.shape[2], device=k.device) <= position)[None]  # [1 query, max_len]
+            return self.attn.attend(q, k, v, attn_mask=visible)
+        start = kv_cache.length
+        k, v = kv_cache.update(layer, k, v)
+        new = q.shape[2]
+        if start == 0:
+            return self.attn.attend(q, k, v, is_causal=new > 1)
+        if new == 1:
+            return self.attn.attend(q, k, v)
+        # Several new positions after a cached prefix: causal with an offset.
+        allowed = torch.ones(new, start + new, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        return self.attn.attend(q, k, v, attn_mask=allowed)
 
 
 class RARFinalLayer(nn.Module):
@@ -320,6 +354,28 @@ class RAR(nn.Module):
     def make_kv_cache(self) -> KVCache:
         return KVCache(self.num_layers, self.image_seq_len + PREFIX_LEN)
 
+    def decode_step(
+        self, token_ids: torch.Tensor, condition: torch.Tensor, position: torch.Tensor, kv_cache: KVCache
+    ) -> torch.Tensor:
+        """One raster-order decoding step with static shapes (capturable in a CUDA graph).
+
+        Args:
+            token_ids: [B] ids of the image token at sequence ``position``.
+            condition: [B] condition token ids.
+            position: 0-dim long tensor on the model's device: the token's sequence position (image
+                token ``i`` sits at ``2 + i``, ``i < N - 1``); ``kv_cache`` holds every earlier position.
+        Returns:
+            logits [B, codebook_size] of the next token.
+        """
+        index = position.view(1)
+        x = self.embeddings(token_ids)[:, None] + self.pos_embed[0].index_select(0, index)
+        # In raster order position p predicts image token p - 1, whose target-aware row is p + 1.
+        x = x + self.target_aware_pos_embed[0].index_select(0, index + 1)
+        c = self.embeddings(condition)[:, None] + self.timesteps_embeddings[0].index_select(0, index)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, c, kv_cache, layer, position=position)
+        return self.lm_head(self.adaln_before_head(x, c))[:, 0]
+
     @torch.no_grad()
     def generate(
         self,
@@ -375,6 +431,48 @@ class RAR(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 
 
+# cuDNN attention builds a plan for every new key length, i.e. for every decoding step; the others do not.
+DECODING_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class CUDAGraphDecodeStep:
+    """:meth:`RAR.decode_step` captured once in a CUDA graph and replayed at every step: one-token
+    decoding is bound by kernel launches, not by arithmetic."""
+
+    def __init__(self, model: RAR, condition: torch.Tensor, kv_cache: KVCache):
+        device = condition.device
+        self.token_ids = torch.zeros(condition.shape[0], dtype=torch.long, device=device)
+        # Warm-up and capture write the cache's last slot, which raster decoding never attends to.
+        self.position = torch.full((), kv_cache.max_len - 1, dtype=torch.long, device=device)
+        # Autocast's weight-cast cache would hand the graph tensors freed after capture.
+        autocast = torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        )
+
+        def step() -> torch.Tensor:
+            with autocast:
+                return model.decode_step(self.token_ids, condition, self.position, kv_cache)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+
+    def __call__(self, token_ids: torch.Tensor, position: int) -> torch.Tensor:
+        self.token_ids.copy_(token_ids)
+        self.position.fill_(position)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
 def rar_generate(
     model: RAR,
@@ -387,7 +485,9 @@ def rar_generate(
 
     At step ``s`` the guidance scale is ``power_cosine_guidance(s / N, guidance_scale, guidance_scale_pow)``
     and ``logits = uncond + scale * (cond - uncond)``; the next token is drawn from
-    ``softmax(logits / randomize_temperature)``. Conditional and null-class rows run as one batch.
+    ``softmax(logits / randomize_temperature)``. Conditional and null-class rows run as one batch. With
+    the KV cache the first step fills it with the cls and condition positions, every later step feeds
+    one token through :meth:`RAR.decode_step` (from a CUDA graph on CUDA devices).
 
     Args:
         condition: class ids [B] in [0, num_classes).
@@ -406,15 +506,28 @@ def rar_generate(
     rows = cond_ids.shape[0]
     ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
     cache = model.make_kv_cache() if sampling.kv_cache else None
-    for step in progress_bar(range(seq_len), progress, "RAR"):
-        logits = model.forward_fn(ids[:, :step], cond_ids, is_sampling=True, kv_cache=cache)[:, -1].float()
-        if guided:
-            scale = power_cosine_guidance(step / seq_len, sampling.guidance_scale, sampling.guidance_scale_pow)
-            cond_logits, uncond_logits = logits.chunk(2)
-            logits = uncond_logits + scale * (cond_logits - uncond_logits)
-        probs = F.softmax(logits / sampling.randomize_temperature, dim=-1)
-        sampled = torch.multinomial(probs, num_samples=1, generator=generator)
-        ids[:, step : step + 1] = sampled.repeat(rows // batch, 1)
+    graphed = None
+    with sdpa_kernel(DECODING_SDPA_BACKENDS):
+        for step in progress_bar(range(seq_len), progress, "RAR"):
+            if cache is None or step == 0:
+                logits = model.forward_fn(ids[:, :step], cond_ids, is_sampling=True, kv_cache=cache)[:, -1]
+            else:
+                position = step + 1  # of image token step - 1
+                if graphed is None and sampling.cuda_graph and device.type == "cuda":
+                    graphed = CUDAGraphDecodeStep(model, cond_ids, cache)
+                if graphed is not None:
+                    logits = graphed(ids[:, step - 1], position)
+                else:
+                    position = torch.tensor(position, device=device)
+                    logits = model.decode_step(ids[:, step - 1], cond_ids, position, cache)
+            logits = logits.float()
+            if guided:
+                scale = power_cosine_guidance(step / seq_len, sampling.guidance_scale, sampling.guidance_scale_pow)
+                cond_logits, uncond_logits = logits.chunk(2)
+                logits = uncond_logits + scale * (cond_logits - uncond_logits)
+            probs = F.softmax(logits / sampling.randomize_temperature, dim=-1)
+            sampled = torch.multinomial(probs, num_samples=1, generator=generator)
+            ids[:, step : step + 1] = sampled.repeat(rows // batch, 1)
     return ids[:batch]
 
 
