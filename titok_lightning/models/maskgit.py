@@ -185,7 +185,13 @@ class PostNormBlock(nn.Module):
     the MLP, as in BERT's intermediate/output pair)."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_dim: int, norm_eps: float = 1e-12, drop: float = 0.0, attn_drop=0.0
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_dim: int,
+        norm_eps: float = 1e-12,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
     ):
         super().__init__()
         self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)

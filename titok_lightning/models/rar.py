@@ -64,7 +64,8 @@ class KVCache:
     The buffers are allocated on the first write with the dtype and batch of the values (so autocast
     works) and then written in place, either after the ``length`` cached positions (:meth:`update`, which
     returns views of the filled part; ``length`` advances once all layers have seen a chunk) or at a
-    position given as a device tensor (:meth:`write`, static shapes for CUDA graphs).
+    position given as a device tensor (:meth:`write`, static shapes for CUDA graphs; it leaves ``length``
+    alone, so a cache is filled by ``update`` first and continued by ``write``, as in :func:`rar_generate`).
     """
 
     def __init__(self, num_layers: int, max_len: int):
