@@ -6,7 +6,7 @@ datasets or `<key>.txt` (caption) for text-image datasets, and optionally `<key>
 datamodules.convert` writes such shards.
 
 Batches: {"image": float32 [B, 3, H, W] in [0, 1], "class_id": long [B] (label_key="cls") or
-"text": list[str] (label_key="txt"), "key": list[str]}.
+"text": list[str] (label_key="txt"), "key": list[str]}; validation batches follow `val_label_key`.
 """
 
 from __future__ import annotations
@@ -84,6 +84,8 @@ class ImageDataModule(ShardedDataModule):
         random_crop: training crop random (True) or centred (False).
         random_flip: random horizontal flip in training.
         label_key: "cls" (class index -> batch["class_id"]), "txt" (caption -> batch["text"]) or None.
+        val_label_key: labels of the validation shards: "same" (as label_key), "cls", "txt" or None (images
+            only; e.g. ImageNet val shards while training on captions).
         batch_size: per-device training batch size.
         val_batch_size: per-device evaluation batch size (default `batch_size`).
         num_workers: DataLoader workers per device (0: load in the training process).
@@ -107,6 +109,7 @@ class ImageDataModule(ShardedDataModule):
         random_crop: bool = True,
         random_flip: bool = True,
         label_key: str | None = "cls",
+        val_label_key: str | None = "same",
         batch_size: int = 32,
         val_batch_size: int | None = None,
         num_workers: int = 8,
@@ -136,8 +139,9 @@ class ImageDataModule(ShardedDataModule):
             rank=rank,
             world_size=world_size,
         )
-        if label_key not in LABEL_KEYS:
-            raise ValueError(f"label_key must be one of {LABEL_KEYS}, got {label_key!r}")
+        for name, value in (("label_key", label_key), ("val_label_key", val_label_key)):
+            if value not in LABEL_KEYS and not (name == "val_label_key" and value == "same"):
+                raise ValueError(f"{name} must be one of {LABEL_KEYS}, got {value!r}")
         if max_aspect_ratio is not None and max_aspect_ratio < 1.0:
             raise ValueError(f"max_aspect_ratio must be >= 1 (it bounds h/w and w/h), got {max_aspect_ratio}")
         self.save_hyperparameters(logger=False)
@@ -146,6 +150,7 @@ class ImageDataModule(ShardedDataModule):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.label_key = label_key
+        self.val_label_key = label_key if val_label_key == "same" else val_label_key
         self.min_original_resolution = min_original_resolution
         self.max_aspect_ratio = max_aspect_ratio
         train_transform(image_size, self.resize_shorter_edge)  # validate the sizes at construction
@@ -155,4 +160,4 @@ class ImageDataModule(ShardedDataModule):
         return ImageSampleDecoder(transform, self.label_key, self.min_original_resolution, self.max_aspect_ratio)
 
     def val_decoder(self) -> SampleDecoder:
-        return ImageSampleDecoder(eval_transform(self.image_size), self.label_key)
+        return ImageSampleDecoder(eval_transform(self.image_size), self.val_label_key)

@@ -131,6 +131,13 @@ def test_text_labels_decode(tmp_path):
     assert dict(zip(batch["key"], batch["text"])) == {f"t{i}": c for i, c in enumerate(captions)}
     assert "class_id" not in batch
 
+    # captions for training, class-labelled shards (ImageNet val) for validation
+    cls_shards = _write(tmp_path, "cv", _class_samples(3), 3)
+    dm = ImageDataModule(val_shards=cls_shards, label_key="txt", val_label_key="cls", num_workers=0)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["class_id"].tolist() == [0, 1, 2] and "text" not in batch and dm.skipped_samples == 0
+
 
 @pytest.mark.parametrize("per_shard", [2, 7], ids=["many-shards", "fewer-shards-than-readers"])
 def test_validation_reads_each_sample_exactly_once_over_2_ranks_x_2_workers(tmp_path, per_shard):
