@@ -12,6 +12,8 @@ Checkpoint layout (written by ``on_save_checkpoint``):
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
@@ -157,6 +159,15 @@ class EMACallback(Callback):
             return
         torch._foreach_copy_(self._params, self._raw_backup)
         self._raw_backup = None
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The EMA weights in ``pl_module.model`` inside the block (e.g. sample grids during training)."""
+        self._swap_in()
+        try:
+            yield
+        finally:
+            self._swap_out()
 
     # start/end (not epoch_start/epoch_end) so the LightningModule's own epoch-end hooks also see the EMA, and
     # the training weights are back before ModelCheckpoint (always last) saves in on_validation_end.
