@@ -1,0 +1,534 @@
+"""LightningModules that train the token generators (thin: a registry generator, a frozen tokenizer, a loss).
+
+- :class:`MaskGITModule`: ImageBert / UViTBert, masked-token modelling (arccos masking, label dropout, MLM loss
+  with label smoothing and a small weight on the unmasked tokens).
+- :class:`RARModule`: RAR, next-token loss on a per-sample permuted order whose probability is annealed from 1
+  to 0 with ``trainer.global_step``.
+- :class:`MaskGenVQModule`: MaskGen-VQ, text-conditioned masked-token modelling; text features come from a frozen
+  CLIP (penultimate-layer tokens + pooled projection), replaced by the empty caption's with ``text_drop_prob``;
+  aesthetic-score micro-conditioning.
+- :class:`MaskGenKLModule`: MaskGen-KL, per-token diffusion loss on VAE latents (posterior sample times the
+  generator's ``scale_factor``).
+
+Batches hold either pre-tokenized ``"tokens"`` (see ``datamodules.TokenDataModule``) or ``"image"`` (tokenized on
+the fly by the frozen tokenizer: eval mode, no grad, fp32, not optimized, not averaged by EMA, not saved), plus
+``"class_id"`` or ``"text"`` (and ``"aesthetic_score"`` for micro-conditioned MaskGen).
+
+``self.model`` is the generator (what EMA averages and what checkpoints' ``model.*`` hold). Every
+``sample_grid.every_n_steps`` optimizer steps (and at the end of training) rank 0 generates a grid for the
+configured class ids / prompts with the EMA weights and writes it to ``<run>/images/generated_step_*.png`` and to
+image-capable loggers. :func:`generate_images` is the same generation path, used by ``sample.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torchvision.utils import make_grid, save_image
+
+from titok_lightning.frozen_tokenizer import FrozenTokenizer, TokenizerSource, load_frozen_tokenizer
+from titok_lightning.lit.base import TrainingModule
+from titok_lightning.lit.tokenizer import build_model, plain
+from titok_lightning.losses import ARLoss, MLMLoss
+from titok_lightning.maskgen_text import MaskGenTextEncoder, MaskGenTextFeatures
+from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
+from titok_lightning.models.maskgit import MaskGITGenerator
+from titok_lightning.models.rar import RAR
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Frozen CLIP text conditions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_text_encoder(
+    model_name: str = "ViT-L-14-336", pretrained: str | None = "openai", text_cfg: Mapping[str, Any] | None = None
+) -> MaskGenTextEncoder:
+    """The frozen CLIP of MaskGen: open_clip ``model_name`` with ``pretrained`` weights, or (tests) a tiny random
+    text tower built from the ``open_clip`` ``CLIPTextCfg`` dict ``text_cfg`` (``embed_dim`` = pooled size)."""
+    if text_cfg is None:
+        return MaskGenTextEncoder(model_name=model_name, pretrained=pretrained)
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+
+    cfg = dict(text_cfg)
+    embed_dim = int(cfg.pop("embed_dim", cfg.get("width", 512)))
+    return MaskGenTextEncoder(_build_text_tower(embed_dim=embed_dim, text_cfg=CLIPTextCfg(**cfg)), model_name)
+
+
+@torch.no_grad()
+def encode_captions(text_encoder: MaskGenTextEncoder, captions: Sequence[str]) -> MaskGenTextFeatures:
+    """CLIP features of ``captions`` followed by those of the empty caption (the dropped / unconditional text),
+    in fp32 outside autocast."""
+    device = text_encoder.positional_embedding.device
+    with torch.autocast(device.type, enabled=False):
+        return text_encoder(list(captions) + [""])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation (training grids and sample.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_images(
+    generator: nn.Module,
+    tokenizer: FrozenTokenizer,
+    condition: torch.Tensor | Sequence[str],
+    *,
+    text_encoder: MaskGenTextEncoder | None = None,
+    aesthetic_score: float | torch.Tensor | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    seed: int | torch.Generator | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Generate and decode images with the generator's sampler.
+
+    Args:
+        generator: a MaskGIT generator, RAR, MaskGen-VQ or MaskGen-KL (in eval mode).
+        tokenizer: the frozen tokenizer whose tokens the generator models.
+        condition: class ids long [B] (MaskGIT, RAR) or B captions (MaskGen).
+        text_encoder: the frozen CLIP (MaskGen only).
+        aesthetic_score: micro-condition (MaskGen; default the generator's ``sample_aesthetic_score``).
+        sampling: sampler settings overriding the generator's defaults (e.g. ``guidance_scale``, ``num_steps``).
+        seed: int seed or ``torch.Generator`` on the generator's device (reproducible samples).
+    Returns:
+        images float [B, 3, H, W] in [0, 1].
+    """
+    sampling = dict(sampling or {})
+    if isinstance(generator, (MaskGITGenerator, RAR)):
+        if not isinstance(condition, torch.Tensor):
+            raise TypeError(f"{type(generator).__name__} is class-conditional: pass class ids [B]")
+        tokens = generator.generate(condition, generator=seed, progress=progress, **sampling)
+        return tokenizer.decode(tokens)
+    if isinstance(generator, (MaskGenVQ, MaskGenKL)):
+        if text_encoder is None or isinstance(condition, torch.Tensor):
+            raise TypeError("MaskGen generators are text-conditional: pass captions and the CLIP text encoder")
+        features = encode_captions(text_encoder, condition)
+        text, text_pooled, guidance = (f[:-1] for f in features)
+        null, null_pooled, _ = (f[-1:] for f in features)
+        tokens = generator.generate(
+            text,
+            text_pooled,
+            null,
+            null_pooled,
+            aesthetic_score=aesthetic_score,
+            generator=seed,
+            progress=progress,
+            **sampling,
+        )
+        return tokenizer.decode(tokens, guidance if tokenizer.needs_text else None)
+    raise TypeError(f"unsupported generator {type(generator).__name__}")
+
+
+def log_image_grid(trainer, grid: torch.Tensor, name: str, tag: str) -> Path:
+    """Write ``grid`` [3, H, W] in [0, 1] to ``<log dir>/images/<name>.png`` and to image-capable loggers."""
+    folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    save_image(grid, path)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(tag, grid, global_step=trainer.global_step)
+        elif isinstance(logger, WandbLogger):
+            image = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            logger.log_image(key=tag, images=[image], step=trainer.global_step)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_generator_weights(model: nn.Module, path: str | os.PathLike) -> None:
+    """Initialise ``model`` from a generator checkpoint: a Lightning ``.ckpt`` of this project (EMA weights) or an
+    official / reference weight file (converted from the reference's key names). Loads strictly."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_from: no such file {path!r} (a generator .ckpt or an official weight file)")
+    if path.endswith(".ckpt"):
+        from callbacks.ema import load_model_state_dict
+
+        model.load_state_dict(load_model_state_dict(path))
+        return
+    from titok_lightning.convert import load_reference_state_dict
+    from titok_lightning.hub import load_state_dict_file
+
+    load_reference_state_dict(model, load_state_dict_file(Path(path)))
+
+
+class GeneratorModule(TrainingModule):
+    """Shared part of the generator modules: model, frozen tokenizer, token fetching, sample grids.
+
+    Args:
+        generator: registry spec ``{"name": "rar_b", **overrides}``. Token-space arguments left ``null``
+            (``codebook_size``, ``image_seq_len`` / ``num_tokens``, ``token_size``) are taken from the tokenizer;
+            given ones must agree with it.
+        tokenizer: the frozen tokenizer (see :func:`~titok_lightning.frozen_tokenizer.load_frozen_tokenizer`):
+            needed for image batches and sample grids; ``None`` trains on tokens without grids.
+        init_from: initial generator weights (MaskGen stage 2: the stage-1 result), a ``.ckpt`` or official file.
+        sampling: sampler settings of the grids (override the generator's defaults).
+        sample_grid: ``{every_n_steps, class_ids | prompts, images_per_condition, seed}``; ``every_n_steps``
+            null or 0 disables the grids.
+        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite: see :class:`TrainingModule`.
+    """
+
+    # generator constructor argument -> FrozenTokenizer attribute it must equal
+    TOKEN_SPACE: Mapping[str, str] = {}
+
+    def __init__(
+        self,
+        generator: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        tokenizer: TokenizerSource | None = None,
+        init_from: str | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        sample_grid: Mapping[str, Any] | None = None,
+        max_grad_norm: float | None = 1.0,
+        accumulate_grad_batches: int = 1,
+        nonfinite: str = "raise",
+    ):
+        super().__init__(plain(optimizer), plain(scheduler), max_grad_norm, accumulate_grad_batches, nonfinite)
+        tokenizer = _absolute_paths(plain(tokenizer))
+        self.save_hyperparameters(logger=False)
+        self.tokenizer = load_frozen_tokenizer(tokenizer) if tokenizer is not None else None
+        spec = self._complete_token_space(dict(plain(generator)))
+        # sample.py rebuilds the generator from the checkpoint: keep the completed spec and absolute paths
+        self.hparams.generator, self.hparams.tokenizer = spec, tokenizer
+        self.model = build_model(spec)
+        if self.tokenizer is not None:
+            self.freeze("tokenizer")
+        if init_from is not None:
+            load_generator_weights(self.model, init_from)
+        self.sampling = dict(plain(sampling) or {})
+        self.sample_grid = dict(plain(sample_grid) or {})
+
+    # ---------------------------------------------------------------------------------------- token space
+    def _complete_token_space(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if "name" not in spec:
+            raise ValueError(f"the generator spec needs the registry variant 'name', got {spec}")
+        from titok_lightning.registry import model_kwargs
+
+        defaults = model_kwargs(spec["name"])
+        for argument, attribute in self.TOKEN_SPACE.items():
+            wanted = spec.get(argument, defaults.get(argument))
+            have = None if self.tokenizer is None else getattr(self.tokenizer, attribute)
+            if wanted is None and have is None:
+                raise ValueError(f"generator.{argument} is null and there is no tokenizer to take it from")
+            if wanted is not None and have is not None and wanted != have:
+                raise ValueError(
+                    f"generator.{argument}={wanted} but the tokenizer has {attribute}={have}: the generator must "
+                    "model the tokenizer's tokens (set it to null to take the tokenizer's)"
+                )
+            spec[argument] = wanted if wanted is not None else have
+        return spec
+
+    def batch_tokens(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """Pre-tokenized ``batch["tokens"]`` or the frozen tokenizer's tokens of ``batch["image"]``."""
+        if "tokens" in batch:
+            return batch["tokens"]
+        if "image" in batch:
+            if self.tokenizer is None:
+                raise ValueError("the batch holds images but the module has no tokenizer (set model.tokenizer)")
+            return self.tokenizer.encode(batch["image"])
+        raise KeyError(f"a generator batch needs 'tokens' or 'image', got {sorted(batch)}")
+
+    def vq_tokens(self, batch: Mapping[str, Any], num_tokens: int) -> torch.Tensor:
+        tokens = self.batch_tokens(batch)
+        if tokens.is_floating_point():
+            raise TypeError("VQ generators need integer token ids (TokenDataModule token_dtype='int64' reads floats)")
+        tokens = tokens.reshape(tokens.shape[0], -1).long()
+        if tokens.shape[1] != num_tokens:
+            raise ValueError(f"the batch has {tokens.shape[1]} tokens per image, the generator models {num_tokens}")
+        return tokens
+
+    # ------------------------------------------------------------------------------------ training steps
+    def loss_terms(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, logged terms) of one batch; subclasses implement."""
+        raise NotImplementedError
+
+    def before_training_step(self) -> dict[str, float]:
+        """Step-dependent state (RAR's randomness) set before the forward; returns values to log."""
+        return {}
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        extra = self.before_training_step()
+        with self.optimizing("model"):
+            loss, logs = self.loss_terms(batch)
+            self.backward_and_step("model", loss, logs)
+        batch_size = _batch_size(batch)
+        self.log_losses("train", {**logs, **extra}, batch_size, prog_bar=("loss",))
+        self.log_throughput(batch_size)
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        # the same masks / orders / label drops at every validation run, so the curve compares like with like
+        generator = torch.Generator(self.device).manual_seed(batch_idx)
+        _, logs = self.loss_terms(batch, generator)
+        self.log_losses("val", logs, _batch_size(batch))
+
+    # --------------------------------------------------------------------------------------- sample grids
+    def grid_conditions(self) -> torch.Tensor | list[str]:
+        """Conditions of one grid row (class ids or prompts); subclasses implement."""
+        raise NotImplementedError
+
+    def generate(self, condition: torch.Tensor | list[str], seed: int) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] for ``condition`` with the grid's sampler settings."""
+        return generate_images(self.model, self.tokenizer, condition, sampling=self.sampling, seed=seed)
+
+    @torch.no_grad()
+    def sample_grid_image(self) -> torch.Tensor:
+        """A grid [3, H, W] in [0, 1]: one column per condition, ``images_per_condition`` rows."""
+        condition = self.grid_conditions()
+        per_condition = int(self.sample_grid.get("images_per_condition", 1))
+        if isinstance(condition, torch.Tensor):
+            repeated = condition.repeat(per_condition)
+        else:
+            repeated = list(condition) * per_condition
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            images = self.generate(repeated, seed=int(self.sample_grid.get("seed", 0)))
+        finally:
+            self.model.train(was_training)
+        return make_grid(images.float().cpu(), nrow=len(condition), padding=2)
+
+    def _grid_due(self) -> bool:
+        every = self.sample_grid.get("every_n_steps")
+        return bool(every) and self.tokenizer is not None and self.trainer.is_global_zero
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        if self._grid_due() and step > 0 and step % int(self.sample_grid["every_n_steps"]) == 0:
+            self._log_sample_grid()
+
+    def on_train_end(self) -> None:
+        if self._grid_due():
+            self._log_sample_grid()
+
+    def _log_sample_grid(self) -> None:
+        with self._ema_weights():
+            grid = self.sample_grid_image()
+        log_image_grid(self.trainer, grid, f"generated_step_{self.global_step:07d}", "train/generated")
+
+    @contextmanager
+    def _ema_weights(self) -> Iterator[None]:
+        from callbacks.ema import EMACallback
+
+        ema = next((cb for cb in self.trainer.callbacks if isinstance(cb, EMACallback)), None)
+        with ema.swapped_in() if ema is not None else nullcontext():
+            yield
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    first = batch["tokens"] if "tokens" in batch else batch["image"]
+    return int(first.shape[0])
+
+
+def _absolute_paths(spec: Any) -> Any:
+    """Local checkpoint paths in a tokenizer source made absolute (sample.py may run elsewhere)."""
+    if isinstance(spec, str) and os.path.exists(spec):
+        return os.path.abspath(spec)
+    if isinstance(spec, Mapping):
+        return {k: _absolute_paths(v) if k in ("checkpoint", "pretrained") else v for k, v in spec.items()}
+    return spec
+
+
+class ClassConditionalModule(GeneratorModule):
+    """Class-conditional generators: labels from ``batch["class_id"]``, grids over ``sample_grid.class_ids``."""
+
+    TOKEN_SPACE = {"codebook_size": "codebook_size", "image_seq_len": "num_tokens"}
+
+    def class_ids(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        if "class_id" not in batch:
+            raise KeyError(f"class-conditional training needs batch['class_id'], got {sorted(batch)}")
+        return batch["class_id"].long()
+
+    def grid_conditions(self) -> torch.Tensor:
+        default = list(range(min(self.model.num_classes, 10)))
+        return torch.tensor(self.sample_grid.get("class_ids") or default, dtype=torch.long, device=self.device)
+
+
+class MaskGITModule(ClassConditionalModule):
+    """MaskGIT generator training (ImageBert / UViTBert).
+
+    Args:
+        loss: :class:`~titok_lightning.losses.MLMLoss` arguments (``label_smoothing``,
+            ``loss_weight_unmasked_token``). Label dropout is the generator's ``class_label_dropout``.
+    """
+
+    def __init__(self, generator: Mapping[str, Any], loss: Mapping[str, Any], **kwargs: Any):
+        super().__init__(generator, **kwargs)
+        if not isinstance(self.model, MaskGITGenerator):
+            raise TypeError(f"MaskGITModule trains ImageBert / UViTBert, got {type(self.model).__name__}")
+        self.loss = MLMLoss(**plain(loss))
+
+    def loss_terms(self, batch, generator=None):
+        tokens = self.vq_tokens(batch, self.model.image_seq_len)
+        masked, mask = self.model.masking_input_tokens(tokens, generator)
+        logits = self.model(masked, self.class_ids(batch), self.model.class_label_dropout, generator)
+        return self.loss(logits, tokens, mask)
+
+
+class RARModule(ClassConditionalModule):
+    """RAR training: next-token loss over a random order per sample with probability ``random_ratio``, annealed
+    from 1 to 0 between the generator's ``randomness_anneal_start`` and ``randomness_anneal_end`` optimizer steps
+    (validation uses raster order only when the ratio has reached 0, exactly as training at that step)."""
+
+    def __init__(self, generator: Mapping[str, Any], **kwargs: Any):
+        super().__init__(generator, **kwargs)
+        if not isinstance(self.model, RAR):
+            raise TypeError(f"RARModule trains RAR, got {type(self.model).__name__}")
+        self.loss = ARLoss()
+
+    def before_training_step(self) -> dict[str, float]:
+        return {"random_ratio": self.model.set_random_ratio_from_step(self.global_step)}
+
+    def on_validation_epoch_start(self) -> None:
+        self.model.set_random_ratio_from_step(self.global_step)
+
+    def loss_terms(self, batch, generator=None):
+        tokens = self.vq_tokens(batch, self.model.image_seq_len)
+        condition = self.model.preprocess_condition(self.class_ids(batch), self.model.class_label_dropout, generator)
+        logits, labels = self.model(tokens, condition, return_labels=True, generator=generator)
+        return self.loss(logits, labels)
+
+
+class TextConditionalModule(GeneratorModule):
+    """MaskGen: captions from ``batch["text"]`` through a frozen CLIP, grids over ``sample_grid.prompts``.
+
+    Args:
+        text_encoder: :func:`build_text_encoder` arguments.
+    """
+
+    def __init__(self, generator: Mapping[str, Any], text_encoder: Mapping[str, Any], **kwargs: Any):
+        super().__init__(generator, **kwargs)
+        if not isinstance(self.model, (MaskGenVQ, MaskGenKL)):
+            raise TypeError(f"{type(self).__name__} trains MaskGen generators, got {type(self.model).__name__}")
+        self.text_encoder = build_text_encoder(**plain(text_encoder))
+        self.freeze("text_encoder")
+        expected = self.model.transformer.context_embed.in_features
+        width = self.text_encoder.positional_embedding.shape[1]
+        if width != expected:
+            raise ValueError(f"the text encoder gives {width}-d tokens, the generator expects {expected}")
+
+    def text_conditions(
+        self, batch: Mapping[str, Any], generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(text tokens [B, L, D], pooled [B, 1, P], aesthetic scores [B] or None) with caption dropout."""
+        if "text" not in batch:
+            raise KeyError(f"text-conditional training needs batch['text'], got {sorted(batch)}")
+        features = encode_captions(self.text_encoder, batch["text"])  # last row: the empty caption
+        tokens, pooled = self.model.drop_condition(
+            features.condition[:-1],
+            features.condition_pooled[:-1],
+            features.condition[-1:],
+            features.condition_pooled[-1:],
+            generator,
+        )
+        aesthetic = None
+        if self.model.micro_condition:
+            if "aesthetic_score" not in batch:
+                raise KeyError("the generator is micro-conditioned: batches need 'aesthetic_score'")
+            aesthetic = batch["aesthetic_score"].float()
+        return tokens, pooled, aesthetic
+
+    def grid_conditions(self) -> list[str]:
+        prompts = self.sample_grid.get("prompts")
+        if not prompts:
+            raise ValueError("sample_grid.prompts is empty: give the captions of the sample grid")
+        return list(prompts)
+
+    def generate(self, condition, seed):
+        return generate_images(
+            self.model, self.tokenizer, condition, text_encoder=self.text_encoder, sampling=self.sampling, seed=seed
+        )
+
+
+class MaskGenVQModule(TextConditionalModule):
+    """MaskGen-VQ training: masked-token modelling of TA-TiTok VQ ids with the MLM loss."""
+
+    TOKEN_SPACE = {"codebook_size": "codebook_size", "num_tokens": "num_tokens"}
+
+    def __init__(self, generator: Mapping[str, Any], text_encoder: Mapping[str, Any], loss: Mapping[str, Any], **kw):
+        super().__init__(generator, text_encoder, **kw)
+        if not isinstance(self.model, MaskGenVQ):
+            raise TypeError(f"MaskGenVQModule trains MaskGen-VQ, got {type(self.model).__name__}")
+        self.loss = MLMLoss(**plain(loss))
+
+    def loss_terms(self, batch, generator=None):
+        tokens = self.vq_tokens(batch, self.model.num_tokens)
+        condition, pooled, aesthetic = self.text_conditions(batch, generator)
+        masked, mask = self.model.mask_tokens(tokens, generator)
+        return self.loss(self.model(masked, condition, pooled, aesthetic), tokens, mask)
+
+
+class MaskGenKLModule(TextConditionalModule):
+    """MaskGen-KL training: diffusion loss on VAE latents sampled from the stored posterior parameters and
+    multiplied by the generator's ``scale_factor``."""
+
+    TOKEN_SPACE = {"token_size": "token_size", "num_tokens": "num_tokens"}
+
+    def __init__(self, generator: Mapping[str, Any], text_encoder: Mapping[str, Any], **kwargs: Any):
+        super().__init__(generator, text_encoder, **kwargs)
+        if not isinstance(self.model, MaskGenKL):
+            raise TypeError(f"MaskGenKLModule trains MaskGen-KL, got {type(self.model).__name__}")
+
+    def posterior_parameters(self, batch: Mapping[str, Any]) -> torch.Tensor:
+        """[B, 2C, 1, N] from image batches or stored [B, 2C, N] / [B, 2C, 1, N] moments."""
+        params = self.batch_tokens(batch)
+        if not params.is_floating_point():
+            raise TypeError("MaskGen-KL needs continuous posterior parameters, got integer tokens")
+        expected = (2 * self.model.token_size, self.model.num_tokens)
+        params = params.float().reshape(params.shape[0], params.shape[1], 1, -1)
+        if (params.shape[1], params.shape[3]) != expected:
+            raise ValueError(
+                f"expected posterior parameters [B, {expected[0]}, N={expected[1]}] (mean and log-variance channels), "
+                f"got {tuple(params.shape)}"
+            )
+        return params
+
+    def loss_terms(self, batch, generator=None):
+        latents = self.model.latents_from_posterior(self.posterior_parameters(batch), generator)
+        condition, pooled, aesthetic = self.text_conditions(batch, generator)
+        loss, logs = self.model(latents, condition, pooled, aesthetic, generator)
+        return loss, {"loss": logs["diff_loss"]}
+
+
+def module_class_for(generator: nn.Module) -> type[GeneratorModule]:
+    """The training module class of a generator model (sample.py reads checkpoints through it)."""
+    for model_cls, module_cls in (
+        (MaskGITGenerator, MaskGITModule),
+        (RAR, RARModule),
+        (MaskGenVQ, MaskGenVQModule),
+        (MaskGenKL, MaskGenKLModule),
+    ):
+        if isinstance(generator, model_cls):
+            return module_cls
+    raise TypeError(f"unsupported generator {type(generator).__name__}")
+
+
+__all__ = [
+    "GeneratorModule",
+    "MaskGITModule",
+    "MaskGenKLModule",
+    "MaskGenVQModule",
+    "RARModule",
+    "build_text_encoder",
+    "encode_captions",
+    "generate_images",
+    "load_generator_weights",
+    "module_class_for",
+]
