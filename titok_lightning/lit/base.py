@@ -1,0 +1,258 @@
+"""Shared training machinery of every LightningModule in the project (tokenizers and generators).
+
+Manual optimization with one AdamW per *role* (``"model"`` always; GAN modules add ``"discriminator"``):
+
+- ``trainer.global_step`` counts optimizer steps of the ``"model"`` role only (the discriminator's steps
+  go through the strategy directly so they do not advance it), so ``max_steps``, ``discriminator_start``
+  and checkpoint intervals mean what they mean in the reference;
+- gradient accumulation over ``accumulate_grad_batches`` micro-batches (DDP syncs only the last one);
+  schedules are counted in optimizer steps;
+- gradient clipping and the grad-norm log happen in ``on_before_optimizer_step``, i.e. after the
+  GradScaler has unscaled the gradients (16-mixed) and with the right reduction under FSDP;
+- a non-finite gradient norm either raises before the weights change (``nonfinite="raise"``) or drops
+  the step and counts it (``nonfinite="skip"``); under 16-mixed the GradScaler skips such steps itself;
+- frozen helper networks (teacher, perceptual net, text encoder) stay in eval mode, get no gradients,
+  and are left out of checkpoints: they are rebuilt from their own weight source.
+
+Subclasses set ``self.model`` (the trainable network, the EMA target), implement ``training_step`` with
+``with self.optimizing(role): ...; self.backward_and_step(role, loss)``, and may extend
+:meth:`optimizer_roles`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+from lightning.pytorch.strategies import FSDPStrategy
+
+from titok_lightning.lit.optim import build_adamw, build_scheduler
+
+NONFINITE_POLICIES = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class OptimizerRole:
+    """One optimizer: its parameters, learning rate and the global step its schedule starts at."""
+
+    name: str
+    module: nn.Module
+    lr: float
+    start_step: int = 0
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN/inf; raised before the optimizer step, so weights and EMA are intact."""
+
+
+class TrainingModule(L.LightningModule):
+    """Base class: optimizers per role, accumulation, clipping, non-finite policy, frozen-module bookkeeping.
+
+    Args:
+        optimizer: AdamW settings ``{lr, betas, weight_decay, eps}`` (GAN subclasses read
+            ``discriminator_lr`` too).
+        scheduler: ``{name: cosine|constant, warmup_steps, end_lr}``; the total is ``trainer.max_steps``.
+        max_grad_norm: clip each role's gradient norm to this value (``None``: measure only).
+        accumulate_grad_batches: micro-batches per optimizer step.
+        nonfinite: ``"raise"`` or ``"skip"`` (see module docstring).
+    """
+
+    def __init__(
+        self,
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        max_grad_norm: float | None = 1.0,
+        accumulate_grad_batches: int = 1,
+        nonfinite: str = "raise",
+    ):
+        super().__init__()
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
+        if "lr" not in optimizer:
+            raise ValueError(f"optimizer settings need 'lr', got {dict(optimizer)}")
+        self.automatic_optimization = False
+        self.optimizer_cfg = dict(optimizer)
+        self.scheduler_cfg = dict(scheduler)
+        self.max_grad_norm = max_grad_norm
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.nonfinite = nonfinite
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
+        self._frozen: dict[str, nn.Module] = {}
+        self._role_index: dict[str, int] = {}
+        self._role_of_optimizer: dict[int, str] = {}
+        self._last_losses: dict[str, Any] = {}
+        self._last_step_time: float | None = None
+        self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
+
+    # ----------------------------------------------------------------------------------- frozen modules
+    def freeze(self, name: str) -> nn.Module:
+        """Mark submodule ``name`` (dotted path, e.g. ``"loss.perceptual"``) as a frozen helper: eval mode,
+        no gradients, left out of checkpoints."""
+        module = self.get_submodule(name)
+        module.requires_grad_(False).eval()
+        self._frozen[name] = module
+        return module
+
+    def frozen_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the frozen helpers."""
+        return tuple(f"{name}." for name in self._frozen)
+
+    def train(self, mode: bool = True) -> TrainingModule:
+        super().train(mode)
+        for module in self._frozen.values():
+            module.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        prefixes = self.frozen_prefixes()
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(prefixes)]:
+            del state[key]
+
+    # ------------------------------------------------------------------------------------- optimizers
+    def optimizer_roles(self) -> list[OptimizerRole]:
+        """The optimizers to build; subclasses append e.g. a discriminator role."""
+        return [OptimizerRole("model", self.model, float(self.optimizer_cfg["lr"]))]
+
+    def configure_optimizers(self):
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise ValueError(
+                "trainer.max_steps must be set: learning-rate schedules are counted in optimizer steps "
+                f"(got max_steps={total_steps})"
+            )
+        adamw = {k: self.optimizer_cfg[k] for k in ("betas", "weight_decay", "eps") if k in self.optimizer_cfg}
+        optimizers, schedulers = [], []
+        for index, role in enumerate(self.optimizer_roles()):
+            opt = build_adamw(role.module, lr=role.lr, **adamw)
+            sched = build_scheduler(
+                opt,
+                total_steps=max(1, total_steps - role.start_step),
+                base_lr=float(self.optimizer_cfg["lr"]),  # the reference shapes every schedule with the model's lr
+                **self.scheduler_cfg,
+            )
+            self._role_index[role.name] = index
+            optimizers.append(opt)
+            schedulers.append({"scheduler": sched, "interval": "step", "name": f"lr/{role.name}"})
+        return optimizers, schedulers
+
+    def _optimizer(self, role: str):
+        optimizers = self.optimizers(use_pl_optimizer=True)
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        return optimizers[self._role_index[role]]
+
+    def _scheduler(self, role: str):
+        schedulers = self.lr_schedulers()
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        return schedulers[self._role_index[role]]
+
+    def at_accumulation_boundary(self) -> bool:
+        """True on the micro-batch that completes an accumulation window (or the epoch's last batch)."""
+        if self.accumulate_grad_batches == 1:
+            return True
+        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return done % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+
+    @contextmanager
+    def optimizing(self, role: str) -> Iterator[None]:
+        """Context for the forward and backward of ``role``: only its parameters collect gradients, and
+        DDP all-reduces them only on the last micro-batch of an accumulation window."""
+        with self._optimizer(role).toggle_model(sync_grad=self.at_accumulation_boundary()):
+            yield
+
+    def backward_and_step(self, role: str, loss: torch.Tensor, logs: Mapping[str, Any] | None = None) -> bool:
+        """Backward ``loss`` for ``role`` and, at an accumulation boundary, step its optimizer and schedule.
+
+        ``logs`` (the loss terms) are kept for the error message if the gradients turn out non-finite.
+        Returns whether the optimizer stepped.
+        """
+        self._last_losses[role] = logs if logs is not None else {"loss": loss}
+        self.manual_backward(loss / self.accumulate_grad_batches)
+        if not self.at_accumulation_boundary():
+            return False
+        opt = self._optimizer(role)
+        self._role_of_optimizer[id(opt.optimizer)] = role
+        if role == "model":
+            opt.step()  # advances trainer.global_step
+        else:
+            # Same precision/strategy path as LightningOptimizer.step, without counting a global step.
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
+        opt.zero_grad(set_to_none=True)
+        self._scheduler(role).step()
+        return True
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Clip (after AMP unscaling), log the gradient norm, and apply the non-finite policy."""
+        role = self._role_of_optimizer.get(id(optimizer), "model")
+        norm = self._clip_gradients(optimizer)
+        self.log(f"train/grad_norm/{role}", norm, on_step=True, on_epoch=False)
+        if bool(torch.isfinite(norm)):  # one host sync per optimizer step, after the backward pass
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # 16-mixed: overflow is expected now and then; the GradScaler skips the step and backs off
+        if self.nonfinite == "raise":
+            terms = {k: float(v) for k, v in self._last_losses.get(role, {}).items()}
+            raise NonFiniteLossError(
+                f"non-finite gradient norm ({float(norm)}) for the {role!r} optimizer at global step "
+                f"{self.global_step}; loss terms: {terms}. The step was not applied, so weights, EMA and "
+                "checkpoints are unchanged. Lower the learning rate, train in bf16-mixed or 32-true, or set "
+                "model.nonfinite=skip to drop such steps."
+            )
+        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
+        self.skipped_steps += 1
+        self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+
+    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Sharded gradients: only the FSDP root knows the global norm. Other roles' gradients are
+            # None at this point (set_to_none after each step), so this clips this role's alone.
+            return self.trainer.strategy.model.clip_grad_norm_(max_norm)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    # ---------------------------------------------------------------------------------------- logging
+    def log_losses(self, prefix: str, logs: Mapping[str, Any], batch_size: int, prog_bar: tuple[str, ...] = ()):
+        """Log every loss term as ``<prefix>/<name>`` (detached scalars; Python numbers pass through)."""
+        for name, value in logs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().float().mean()
+            self.log(
+                f"{prefix}/{name}",
+                value,
+                on_step=prefix == "train",
+                on_epoch=prefix != "train",
+                prog_bar=name in prog_bar,
+                batch_size=batch_size,
+                sync_dist=prefix != "train",
+            )
+
+    def log_throughput(self, batch_size: int) -> None:
+        """Samples per second on this device, measured between consecutive training batches."""
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("train/samples_per_sec", batch_size / (now - self._last_step_time), on_step=True, on_epoch=False)
+        self._last_step_time = now
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None  # do not count validation or data-loader start-up as training time
+
+
+def _no_closure() -> None:
+    return None
+
+
+def _ignore_missing_frozen_keys(module: TrainingModule, incompatible_keys) -> None:
+    """Frozen helpers are not in checkpoints (they are rebuilt from their own weights): not 'missing'."""
+    prefixes = module.frozen_prefixes()
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefixes)]

@@ -1,0 +1,84 @@
+"""AdamW with the reference's weight-decay groups, and its learning-rate schedule per optimizer.
+
+Used by every LightningModule of the project (tokenizers and generators): one optimizer per role
+(``"model"``, ``"discriminator"``), each with its own schedule counted in optimizer steps, so that
+gradient accumulation does not stretch warm-up or decay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from titok_lightning.schedules import build_lr_scheduler
+
+# Substrings of parameter names that the reference keeps out of weight decay (besides every 1-D parameter):
+# LayerNorm gains ("ln", "norm", "gamma"), biases, embeddings and the learned latent / mask tokens.
+NO_DECAY_NAME_PARTS = ("ln", "bias", "latent_tokens", "mask_token", "embedding", "norm", "gamma", "embed")
+
+
+def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """True when the reference applies weight decay to parameter ``name``."""
+    return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
+
+
+def adamw_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+    """Two AdamW groups over the trainable parameters: ``[no decay, decay]`` (reference order).
+
+    Frozen parameters (``requires_grad=False``) are left out; a parameter shared under two names is
+    counted once.
+    """
+    seen: set[int] = set()
+    no_decay, decay = [], []
+    for name, param in named_parameters:
+        if not param.requires_grad or id(param) in seen:
+            continue
+        seen.add(id(param))
+        (decay if uses_weight_decay(name, param) else no_decay).append(param)
+    if not no_decay and not decay:
+        raise ValueError("no trainable parameters for the optimizer (everything has requires_grad=False)")
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def build_adamw(
+    module: nn.Module,
+    lr: float,
+    betas: Sequence[float] = (0.9, 0.999),
+    weight_decay: float = 0.0,
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over ``module``'s trainable parameters with :func:`adamw_param_groups`.
+
+    The multi-tensor (foreach) implementation is kept: the fused one unscales gradients inside
+    ``step`` and so cannot be combined with gradient clipping under a GradScaler (16-mixed).
+    """
+    if len(betas) != 2:
+        raise ValueError(f"betas must have two values, got {list(betas)}")
+    groups = adamw_param_groups(module.named_parameters(), weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=False)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    *,
+    total_steps: int,
+    name: str = "cosine",
+    warmup_steps: int = 0,
+    end_lr: float = 0.0,
+    base_lr: float | None = None,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine/constant schedule stepped once per optimizer step (see ``titok_lightning.schedules``).
+
+    ``base_lr`` is the rate whose multipliers are applied (defaults to the optimizer's lr); the
+    reference runs the discriminator's schedule with the generator's ``base_lr`` / ``end_lr``.
+    """
+    if total_steps < 1:
+        raise ValueError(
+            f"the lr schedule needs the number of optimizer steps (got total_steps={total_steps}); "
+            "set trainer.max_steps"
+        )
+    return build_lr_scheduler(
+        optimizer, name=name, warmup_steps=warmup_steps, total_steps=total_steps, base_lr=base_lr, end_lr=end_lr
+    )
