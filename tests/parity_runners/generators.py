@@ -97,8 +97,10 @@ def run_maskgen_vq(fixture: Fixture) -> dict[str, torch.Tensor]:
     model = MaskGenVQ.from_reference_config(fixture.config)
     load_reference_state_dict(model, fixture.state_dict).eval()
     x = fixture.inputs
+    # the reference's concat_micro_cond appends the score encoding whatever the micro_condition flag
+    micro = model.encode_micro_condition(x["aesthetic_score"] * 100)
     return {
-        "condition_pooled_with_micro": model.pooled_condition(x["condition_pooled"], x["aesthetic_score"]).unsqueeze(1),
+        "condition_pooled_with_micro": torch.cat([x["condition_pooled"].flatten(1), micro], dim=-1).unsqueeze(1),
         "logits": model(x["input_tokens"], x["condition"], x["condition_pooled"], x["aesthetic_score"]),
     }
 
