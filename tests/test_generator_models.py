@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import ImageBert, MaskGITGenerator, UViTBert
 from titok_lightning.models.rar import RAR
 from titok_lightning.registry import create_model, get_spec, list_models
@@ -26,6 +27,9 @@ TINY: dict[type[nn.Module], dict] = {
     UViTBert: {**_TINY_TOKENS, **_TINY_WIDTH},
     RAR: {**_TINY_TOKENS, **_TINY_WIDTH},
 }
+_TINY_TEXT = dict(embed_dim=32, depth=2, num_heads=2, text_embed_dim=16, micro_condition_embed_dim=8)
+TINY[MaskGenVQ] = {**_TINY_TEXT, "codebook_size": 16, "num_tokens": 8, "num_classes": 5}
+TINY[MaskGenKL] = {**_TINY_TEXT, "token_size": 4, "num_tokens": 8, "diffloss_depth": 2, "diffloss_width": 32}
 
 
 def _maskgit_loss(model: MaskGITGenerator, batch: int) -> torch.Tensor:
@@ -47,10 +51,29 @@ def _rar_loss(model: RAR, batch: int) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten())
 
 
+def _text_condition(batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stand-ins for CLIP token features, the pooled feature and aesthetic scores."""
+    return torch.randn(batch, 5, 16), torch.randn(batch, 1, 16), torch.rand(batch) * 10
+
+
+def _maskgen_vq_loss(model: MaskGenVQ, batch: int) -> torch.Tensor:
+    ids = torch.randint(0, model.codebook_size, (batch, model.num_tokens))
+    masked, _ = model.mask_tokens(ids)
+    return F.cross_entropy(model(masked, *_text_condition(batch)).flatten(0, 1), ids.flatten())
+
+
+def _maskgen_kl_loss(model: MaskGenKL, batch: int) -> torch.Tensor:
+    # seed 1 keeps some tokens visible, so the token projection receives a gradient
+    latents = torch.randn(batch, model.num_tokens, model.token_size)
+    return model(latents, *_text_condition(batch), generator=torch.Generator().manual_seed(1))[0]
+
+
 TRAINING_LOSS: dict[type[nn.Module], Callable[[nn.Module, int], torch.Tensor]] = {
     ImageBert: _maskgit_loss,
     UViTBert: _maskgit_loss,
     RAR: _rar_loss,
+    MaskGenVQ: _maskgen_vq_loss,
+    MaskGenKL: _maskgen_kl_loss,
 }
 
 GENERATORS = list_models("generator")
