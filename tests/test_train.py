@@ -1,0 +1,222 @@
+"""Training through train.py on CPU with tiny models: fast_dev_run of every experiment, stage 1 -> stage 2 hand-over,
+exact resume, DDP agreement, non-finite policy, gradient accumulation, multirun sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from callbacks.ema import load_model_state_dict
+from tests.test_configs import CONF, EXPERIMENTS, compose_train
+from titok_lightning.lit.tokenizer import build_model, load_tokenizer_from_checkpoint
+from train import train
+
+TINY_VIT = {
+    "image_size": 32,
+    "encoder_patch_size": 8,
+    "decoder_patch_size": 8,
+    "encoder_width": 32,
+    "encoder_depth": 1,
+    "encoder_heads": 2,
+    "decoder_width": 32,
+    "decoder_depth": 1,
+    "decoder_heads": 2,
+    "num_latent_tokens": 4,
+    "token_size": 4,
+    "codebook_size": 16,
+}
+# a 4-level MaskGIT-VQGAN: 32px images -> 4x4 codes, matching an 8-pixel TiTok patch
+TINY_VQGAN = {
+    "hidden_channels": 32,
+    "channel_mult": [1, 1, 1, 1],
+    "num_resolutions": 4,
+    "num_res_blocks": 1,
+    "z_channels": 8,
+    "resolution": 32,
+    "codebook_size": 16,
+}
+TINY_PIXEL = {"num_proxy_codes": 16, "pixel_codebook_size": 16, "pixel_codebook_dim": 8}
+DIGIT_NAMES = "[zero,one,two,three,four,five,six,seven,eight,nine]"
+
+
+def _set(prefix: str, values: dict) -> list[str]:
+    return [f"++{prefix}.{key}={_yaml(value)}" for key, value in values.items()]
+
+
+def _yaml(value) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
+def tiny_overrides(experiment: str, perceptual: bool = False) -> list[str]:
+    """Shrink an experiment to seconds on a CPU: tiny model, digits data, batch 4, random frozen networks."""
+    overrides = [
+        f"experiment={experiment}",
+        "data=digits",
+        "data.batch_size=4",
+        "data.val_batch_size=4",
+        "logger=csv",
+        "trainer=cpu",
+        "trainer.precision=32-true",
+        *_set("model.tokenizer", TINY_VIT),
+    ]
+    model_target = OmegaConf.load(CONF / "model" / f"{_model_group(experiment)}.yaml")._target_
+    if model_target.endswith(("Stage1Module", "Stage2Module")):
+        overrides += ["model.teacher.pretrained=null", *_set("model.teacher", TINY_VQGAN)]
+        overrides += _set("model.tokenizer", TINY_PIXEL)
+    if model_target.endswith("Stage2Module"):
+        overrides += ["model.init_from=null", *_set("model.tokenizer.pixel_vqgan", _pixel_conf())]
+    if model_target.endswith(("Stage2Module", "TATiTokModule", "PixelTokenizerModule")):
+        overrides += ["++model.discriminator.hidden_channels=32", "++model.discriminator.num_stages=1"]
+        overrides += ["model.loss.perceptual_pretrained=false"] if perceptual else ["model.loss.perceptual_loss=null"]
+    if model_target.endswith("TATiTokModule"):
+        overrides += [
+            "model.text_encoder.pretrained=null",
+            *_set("model.text_encoder.text_cfg", {"width": 32, "heads": 2, "layers": 1}),
+            "++model.tokenizer.text_embed_dim=32",
+            f"model.class_names={DIGIT_NAMES}",
+        ]
+    return overrides
+
+
+def _pixel_conf() -> dict:
+    return {k: v for k, v in TINY_VQGAN.items() if k != "codebook_size"}
+
+
+def _model_group(experiment: str) -> str:
+    defaults = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml").get("defaults", [])
+    for entry in defaults:
+        if isinstance(entry, str):  # inherits another experiment
+            return _model_group(entry)
+        if "override /model" in entry:
+            return entry["override /model"]
+    raise AssertionError(f"{experiment} selects no model")
+
+
+@pytest.fixture(scope="session")
+def digits_cache(tmp_path_factory) -> str:
+    """Digits shards written once per session (outside the user's cache)."""
+    from datamodules.digits import prepare_digits
+
+    folder = str(tmp_path_factory.mktemp("digits"))
+    prepare_digits(folder)
+    return folder
+
+
+def run(overrides: list[str], out: Path, digits_cache: str):
+    """Compose like the command line, then run train.train in-process; returns (cfg, metrics)."""
+    cfg = compose_train([*overrides, f"data.cache_dir={digits_cache}"], out)
+    return cfg, train(cfg)
+
+
+# ----------------------------------------------------------------------------------------------- fast_dev_run
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_dev_run(experiment, tmp_path, digits_cache):
+    perceptual = experiment in ("titok_b64_stage2", "tatitok_bl32_vq")  # random ConvNeXt-S / LPIPS nets
+    _, metrics = run([*tiny_overrides(experiment, perceptual), "trainer.fast_dev_run=true"], tmp_path, digits_cache)
+    assert "train/total_loss" in metrics and "val/mse" in metrics
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+
+
+# --------------------------------------------------------------------------------------- stage 1 -> stage 2
+def test_stage1_checkpoint_initialises_stage2(tmp_path, digits_cache):
+    teacher = build_model({"name": "maskgit_vqgan_f16_256", **TINY_VQGAN, "channel_mult": (1, 1, 1, 1)})
+    teacher_file = tmp_path / "tiny_vqgan.pt"
+    torch.save(teacher.state_dict(), teacher_file)
+
+    stage1 = [*tiny_overrides("titok_s128"), f"model.teacher.pretrained={teacher_file}", "trainer.max_steps=2"]
+    stage1 += ["trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    cfg1, _ = run(stage1, tmp_path / "stage1", digits_cache)
+    ckpt = Path(cfg1.paths.checkpoint_dir) / "last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 2
+    assert not any(k.startswith("teacher.") for k in state["state_dict"]), "the teacher is saved twice"
+    assert (Path(cfg1.paths.checkpoint_dir) / "config.yaml").is_file()
+
+    stage1_ema = load_model_state_dict(ckpt)
+    restored = load_tokenizer_from_checkpoint(ckpt)
+    for key, value in restored.state_dict().items():
+        torch.testing.assert_close(value, stage1_ema[key], rtol=0, atol=0)
+
+    stage2 = [
+        *tiny_overrides("titok_s128_stage2"),
+        f"model.teacher.pretrained={teacher_file}",
+        f"model.init_from={ckpt}",
+    ]
+    cfg2 = compose_train([*stage2, f"data.cache_dir={digits_cache}"], tmp_path / "stage2")
+    module = hydra.utils.instantiate(cfg2.model)
+    model_state = module.model.state_dict()
+    for key, value in stage1_ema.items():  # encoder, quantizer, latent tokens, ViT decoder from stage 1 (EMA)
+        torch.testing.assert_close(model_state[key], value, rtol=0, atol=0)
+    for key, value in teacher.state_dict().items():  # pixel quantizer / decoder from the teacher
+        if key.startswith(("quantize.", "decoder.")):
+            torch.testing.assert_close(model_state[f"pixel_{key}"], value, rtol=0, atol=0)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith(("encoder.", "quantize.", "latent_tokens")) for n in trainable)
+
+    L.Trainer(accelerator="cpu", fast_dev_run=True, logger=False, enable_progress_bar=False).fit(
+        module, datamodule=hydra.utils.instantiate(cfg2.data)
+    )
+    for key in ("encoder.ln_post.weight", "latent_tokens"):  # frozen in stage 2
+        torch.testing.assert_close(module.model.state_dict()[key], stage1_ema[key], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+class StateProbe(L.Callback):
+    """Saves the training state to ``path`` right after a (resumed) fit has restored everything."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_start(self, trainer, pl_module):
+        ema = next(cb for cb in trainer.callbacks if type(cb).__name__ == "EMACallback")
+        state = {
+            "global_step": trainer.global_step,
+            "optimizers": [opt.state_dict() for opt in trainer.optimizers],
+            "schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "ema": [t.clone() for t in ema._ema],
+            "state_dict": {k: v.clone() for k, v in pl_module.state_dict().items()},
+        }
+        torch.save(state, self.path)
+
+
+def test_resume_restores_step_optimizers_schedules_ema_discriminator_and_lecam(tmp_path, digits_cache):
+    overrides = [
+        *tiny_overrides("titok_b64_stage2", perceptual=True),
+        "model.loss.discriminator_start=1",
+        "trainer.limit_val_batches=0",
+        "callbacks.model_checkpoint.every_n_train_steps=1",
+    ]
+    cfg, _ = run([*overrides, "trainer.max_steps=3"], tmp_path, digits_cache)
+    saved = torch.load(Path(cfg.paths.checkpoint_dir) / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 3  # generator steps only (the discriminator's do not count)
+    assert not any(k.startswith("loss.perceptual.") for k in saved["state_dict"])
+    assert saved["state_dict"]["loss.ema_real_logits_mean"].abs().sum() > 0, "the discriminator never trained"
+
+    # the same run folder again, longer: auto-resume from checkpoints/last.ckpt
+    probe_file = tmp_path / "probe.pt"
+    probe = f"+callbacks.probe={{_target_:tests.test_train.StateProbe,path:{probe_file}}}"
+    run([*overrides, "trainer.max_steps=5", probe], tmp_path, digits_cache)
+    restored = torch.load(probe_file, weights_only=False)
+    assert restored["global_step"] == 3
+    raw = saved["callbacks"]["EMACallback"]["raw_model_state"]
+    for key, value in raw.items():  # training weights back in the model ...
+        torch.testing.assert_close(restored["state_dict"][key], value, rtol=0, atol=0)
+    for tensor, key in zip(restored["ema"], raw):  # ... and the EMA (saved as the state_dict) in the callback
+        torch.testing.assert_close(tensor, saved["state_dict"][key].float(), rtol=0, atol=0)
+    for key in [k for k in saved["state_dict"] if k.startswith("loss.")]:  # discriminator + LeCam buffers
+        torch.testing.assert_close(restored["state_dict"][key], saved["state_dict"][key], rtol=0, atol=0)
+    assert len(restored["optimizers"]) == len(saved["optimizer_states"]) == 2
+    for got, expected in zip(restored["optimizers"], saved["optimizer_states"]):
+        assert got["state"].keys() == expected["state"].keys() and got["state"]
+        for index, slots in expected["state"].items():
+            for name, value in slots.items():
+                torch.testing.assert_close(got["state"][index][name], value, rtol=0, atol=0)
+    for got, expected in zip(restored["schedulers"], saved["lr_schedulers"]):
+        assert got["last_epoch"] == expected["last_epoch"] and got["_last_lr"] == expected["_last_lr"]
+    final = torch.load(Path(cfg.paths.checkpoint_dir) / "last.ckpt", map_location="cpu", weights_only=True)
+    assert final["global_step"] == 5

@@ -1,0 +1,378 @@
+"""LightningModules that train the image tokenizers (thin: they wire a registry model, a loss and optimizers).
+
+- :class:`TiTokStage1Module`: TiTok two-stage recipe, stage 1 (proxy codes of a frozen MaskGIT-VQGAN teacher).
+- :class:`TiTokStage2Module`: stage 2 (frozen encoder/quantizer, pixel decoder from the teacher, GAN).
+- :class:`PixelTokenizerModule`: single-stage TiTok (VQ or VAE) with pixel + perceptual + GAN losses.
+- :class:`TATiTokModule`: single-stage TA-TiTok, decoder guided by a frozen CLIP text encoder.
+
+``self.model`` is the tokenizer being trained (what EMA averages and what checkpoints' ``model.*`` hold);
+frozen helpers (teacher, perceptual net, text encoder) are rebuilt from their own weights, not saved.
+Every ``validation_step`` returns ``{"inputs", "reconstructions"}`` (both [B, 3, H, W] in [0, 1], the
+reconstruction rounded to uint8 levels as the reference evaluator) plus ``"codes"`` [B, N] and
+``"codebook_size"`` for VQ tokenizers, and logs ``val/mse``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from titok_lightning.lit.base import OptimizerRole, TrainingModule
+from titok_lightning.losses import ReconstructionLoss, Stage1Loss
+from titok_lightning.models.discriminator import NLayerDiscriminator
+from titok_lightning.registry import create_model
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- builders
+def plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (checkpoints stay loadable with ``weights_only=True``)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def build_model(spec: Mapping[str, Any]) -> nn.Module:
+    """``{"name": <registry variant>, **overrides}`` -> model with random weights."""
+    spec = dict(spec)
+    if "name" not in spec:
+        raise ValueError(f"a model spec needs the registry variant 'name', got {spec}")
+    return create_model(spec.pop("name"), **_tuples(spec))
+
+
+def build_pretrained(spec: Mapping[str, Any], what: str) -> nn.Module:
+    """``{"name", "pretrained": <source> or None, **overrides}`` -> frozen model in eval mode.
+
+    ``pretrained``: a local weight file (loaded strictly into ``name`` built with the overrides; reference or
+    this project's key names), or a registry name / Hugging Face repo for ``titok_lightning.hub.load_pretrained``.
+    ``None`` keeps random weights, which only makes sense in tests and the offline demo.
+    """
+    spec = dict(spec)
+    source = spec.pop("pretrained", None)
+    if source is None:
+        log.warning("%s %r has RANDOM weights (pretrained=null): fine for tests and the demo only", what, spec["name"])
+        return build_model(spec).eval()
+    if os.path.isfile(source):
+        from pathlib import Path
+
+        from titok_lightning.convert import load_reference_state_dict
+        from titok_lightning.hub import load_state_dict_file
+
+        model = build_model(spec)
+        load_reference_state_dict(model, load_state_dict_file(Path(source)))
+        return model.eval()
+    from titok_lightning.hub import load_pretrained
+
+    spec.pop("name", None)
+    return load_pretrained(source, **_tuples(spec)).eval()
+
+
+def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    # YAML has no tuples; model constructors compare sizes such as channel_mult as tuples.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def load_stage1_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Stage-1 TiTok weights from a Lightning checkpoint of this project (EMA weights when present) or an
+    official weight file (reference key names; converted by the model's loader)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"init_from: no such file {path!r} (a stage-1 .ckpt or an official weight file)")
+    from titok_lightning.hub import load_state_dict_file
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".ckpt") else None
+    if checkpoint is not None and "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
+        from callbacks.ema import load_model_state_dict
+
+        return load_model_state_dict(path)
+    from pathlib import Path
+
+    return load_state_dict_file(Path(path))
+
+
+def load_tokenizer_from_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> nn.Module:
+    """The trained tokenizer of a Lightning checkpoint written by these modules (EMA weights by default), in
+    eval mode. Consumers (pretokenization, sampling) use this instead of rebuilding the LightningModule."""
+    from callbacks.ema import load_model_state_dict
+
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    spec = checkpoint.get("hyper_parameters", {}).get("tokenizer")
+    if spec is None:
+        raise KeyError(f"{path} was not written by a tokenizer module of this project (no hyper_parameters.tokenizer)")
+    model = build_model(spec)
+    model.load_state_dict(load_model_state_dict(path, use_ema=use_ema))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ modules
+class TokenizerModule(TrainingModule):
+    """Shared part of the tokenizer modules: the model, validation outputs and metrics.
+
+    Args:
+        tokenizer: registry spec of the model to train, ``{"name": "titok_b64", **overrides}``.
+        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite: see :class:`TrainingModule`.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
+        max_grad_norm: float | None = 1.0,
+        accumulate_grad_batches: int = 1,
+        nonfinite: str = "raise",
+    ):
+        super().__init__(plain(optimizer), plain(scheduler), max_grad_norm, accumulate_grad_batches, nonfinite)
+        self.save_hyperparameters(logger=False)
+        self.model = build_model(plain(tokenizer))
+
+    # subclasses: images [B, 3, H, W] in [0, 1] -> (reconstructions in image space, quantizer info)
+    def reconstruct(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        images = batch["image"]
+        reconstructions, info = self.reconstruct(batch)
+        # The reference evaluator scores reconstructions clamped and rounded to 8-bit levels.
+        reconstructions = torch.round(reconstructions.float().clamp(0.0, 1.0) * 255.0) / 255.0
+        self.log(
+            "val/mse",
+            F.mse_loss(reconstructions, images.float()),
+            on_epoch=True,
+            sync_dist=True,
+            batch_size=len(images),
+        )
+        outputs: dict[str, Any] = {"inputs": images, "reconstructions": reconstructions}
+        if isinstance(info, Mapping) and "min_encoding_indices" in info:
+            outputs["codes"] = info["min_encoding_indices"].reshape(len(images), -1)
+            outputs["codebook_size"] = self.model.quantize.codebook_size
+        return outputs
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self.validation_step(batch, batch_idx)
+
+    def frozen_precision(self):
+        """Frozen helpers run in fp32 as in the reference (they sit outside its autocast region)."""
+        return torch.autocast(self.device.type, enabled=False)
+
+
+class TiTokStage1Module(TokenizerModule):
+    """TiTok stage 1: predict the frozen MaskGIT-VQGAN teacher's codes of the image ("proxy codes").
+
+    Args:
+        teacher: ``{"name": "maskgit_vqgan_f16_256", "pretrained": <source or null>, **overrides}``.
+        loss: :class:`~titok_lightning.losses.Stage1Loss` arguments (``quantizer_weight``).
+    """
+
+    def __init__(self, tokenizer: Mapping[str, Any], teacher: Mapping[str, Any], loss: Mapping[str, Any], **kwargs):
+        super().__init__(tokenizer, **kwargs)
+        self.teacher = build_pretrained(plain(teacher), "teacher")
+        self.freeze("teacher")
+        self.loss = Stage1Loss(**plain(loss))
+        _check_proxy_targets(self.model, self.teacher)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        with self.frozen_precision():
+            target_codes = self.teacher.encode(images.float())
+        with self.optimizing("model"):
+            logits, info = self.model(images)
+            loss, logs = self.loss(target_codes, logits, info)
+            self.backward_and_step("model", loss, logs)
+        self.log_losses("train", logs, len(images), prog_bar=("total_loss",))
+        self.log_throughput(len(images))
+
+    def reconstruct(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        logits, info = self.model(batch["image"])
+        with self.frozen_precision():
+            return self.teacher.decode(logits.argmax(dim=1)), info
+
+
+def _check_proxy_targets(model: nn.Module, teacher: nn.Module) -> None:
+    grid = model.image_size // teacher.downsample_factor
+    decoder = model.decoder
+    if not getattr(decoder, "is_legacy", False):
+        raise ValueError("stage 1 trains a legacy TiTok (is_legacy=True, finetune_decoder=False)")
+    if getattr(model, "finetune_decoder", False):
+        raise ValueError("stage 1 needs finetune_decoder=False (stage 2 is TiTokStage2Module)")
+    if decoder.grid_size != grid:
+        raise ValueError(
+            f"the TiTok decoder predicts a {decoder.grid_size}x{decoder.grid_size} grid but the teacher encodes "
+            f"{model.image_size}px images into {grid}x{grid} codes: use decoder_patch_size = "
+            f"{teacher.downsample_factor}"
+        )
+    num_proxy = decoder.ffn[-1].out_channels
+    if num_proxy != teacher.quantize.codebook_size:
+        raise ValueError(f"TiTok predicts {num_proxy} proxy codes, the teacher has {teacher.quantize.codebook_size}")
+
+
+class PixelTokenizerModule(TokenizerModule):
+    """Single-stage pixel tokenizer (TiTok ``is_legacy=False``, VQ or VAE): l1/l2 + perceptual + GAN + VQ/KL.
+
+    Manual optimization with two AdamW (model, discriminator), each with its own schedule; the
+    discriminator trains from ``loss.discriminator_start`` on and its schedule starts there.
+
+    Args:
+        loss: :class:`~titok_lightning.losses.ReconstructionLoss` arguments.
+        discriminator: ``NLayerDiscriminator`` arguments (``{}``: the reference's).
+        optimizer: also ``discriminator_lr``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        discriminator: Mapping[str, Any] | None = None,
+        **kwargs,
+    ):
+        super().__init__(tokenizer, **kwargs)
+        if "discriminator_lr" not in self.optimizer_cfg:
+            raise ValueError("GAN training needs optimizer.discriminator_lr")
+        loss = plain(loss)
+        expected_mode = getattr(self.model, "quantize_mode", loss.get("quantize_mode", "vq"))
+        if loss.get("quantize_mode", expected_mode) != expected_mode:
+            raise ValueError(f"loss.quantize_mode={loss['quantize_mode']!r} but the model is {expected_mode!r}")
+        loss["quantize_mode"] = expected_mode
+        self.loss = ReconstructionLoss(**loss, discriminator=NLayerDiscriminator(**plain(discriminator or {})))
+        if self.loss.perceptual is not None:
+            self.freeze("loss.perceptual")
+
+    def optimizer_roles(self) -> list[OptimizerRole]:
+        return super().optimizer_roles() + [
+            OptimizerRole(
+                "discriminator",
+                self.loss.discriminator,
+                float(self.optimizer_cfg["discriminator_lr"]),
+                start_step=self.loss.discriminator_start,
+            )
+        ]
+
+    def decoder_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        """Extra inputs of ``self.model(images, *extra)`` (TA-TiTok: text features)."""
+        return ()
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        images = batch["image"]
+        step = self.global_step  # both losses see the step of this batch (the model's step advances it)
+        context = self.decoder_inputs(batch)
+        with self.optimizing("model"):
+            reconstructions, extra = self.model(images, *context)
+            loss, logs = self.loss(images, reconstructions, extra, step, mode="generator")
+            self.backward_and_step("model", loss, logs)
+        if self.loss.should_train_discriminator(step):
+            with self.optimizing("discriminator"):
+                d_loss, d_logs = self.loss(images, reconstructions.detach(), extra, step, mode="discriminator")
+                self.backward_and_step("discriminator", d_loss, d_logs)
+            logs = {**logs, **d_logs}
+        self.log_losses("train", logs, len(images), prog_bar=("total_loss", "reconstruction_loss"))
+        self.log_throughput(len(images))
+
+    def reconstruct(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
+        return self.model(batch["image"], *self.decoder_inputs(batch))
+
+
+class TiTokStage2Module(PixelTokenizerModule):
+    """TiTok stage 2: decoder fine-tuning in pixel space through the MaskGIT-VQGAN pixel decoder.
+
+    The tokenizer spec must build a stage-2 TiTok (``finetune_decoder=True``: encoder, quantizer and latent
+    tokens frozen). ``init_from`` (a stage-1 Lightning checkpoint or official stage-1 weight file) gives the
+    TiTok weights; ``teacher`` (the MaskGIT-VQGAN) gives ``pixel_quantize`` / ``pixel_decoder``; the teacher
+    is not kept. ``init_from=None`` trains from random weights (tests only; warned).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Mapping[str, Any],
+        teacher: Mapping[str, Any],
+        init_from: str | None,
+        loss: Mapping[str, Any],
+        **kwargs,
+    ):
+        super().__init__(tokenizer, loss, **kwargs)
+        if not getattr(self.model, "finetune_decoder", False):
+            raise ValueError("stage 2 needs a tokenizer spec with finetune_decoder=True")
+        pixel_tokenizer = build_pretrained(plain(teacher), "pixel decoder source (teacher)")
+        if init_from is None:
+            log.warning("stage 2 without init_from: the TiTok encoder and decoder start from RANDOM weights")
+            stage1 = {k: v for k, v in self.model.state_dict().items() if not k.startswith("pixel_")}
+        else:
+            stage1 = load_stage1_weights(init_from)
+        from titok_lightning.models.titok import load_stage2_init
+
+        load_stage2_init(self.model, stage1, pixel_tokenizer.state_dict())
+
+
+class TATiTokModule(PixelTokenizerModule):
+    """TA-TiTok: single-stage tokenizer whose decoder reads CLIP text features of the caption.
+
+    Captions come from ``batch["text"]``; class-labelled batches (ImageNet validation) use
+    ``class_prompt.format(class_names[class_id])`` as the reference does.
+
+    Args:
+        text_encoder: :class:`~titok_lightning.text_encoder.CLIPTextEncoder` arguments.
+        class_names: ``"imagenet"`` (the 1000 WordNet names), a list, or ``None`` (captions required).
+        class_prompt: template for class-labelled batches.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        text_encoder: Mapping[str, Any],
+        class_names: str | Sequence[str] | None = "imagenet",
+        class_prompt: str = "A photo of a {}.",
+        **kwargs,
+    ):
+        super().__init__(tokenizer, loss, **kwargs)
+        from titok_lightning.text_encoder import CLIPTextEncoder
+
+        self.text_encoder = CLIPTextEncoder(**plain(text_encoder))
+        self.freeze("text_encoder")
+        decoder = self.model.decoder
+        if (self.text_encoder.context_length, self.text_encoder.width) != (
+            decoder.text_context_length,
+            decoder.text_guidance_proj.in_features,
+        ):
+            raise ValueError(
+                f"text encoder gives [{self.text_encoder.context_length}, {self.text_encoder.width}] features, the "
+                f"TA-TiTok decoder expects [{decoder.text_context_length}, {decoder.text_guidance_proj.in_features}]"
+            )
+        self.class_names = _class_names(class_names)
+        self.class_prompt = class_prompt
+
+    def captions(self, batch: Mapping[str, Any]) -> list[str]:
+        if "text" in batch:
+            return list(batch["text"])
+        if "class_id" in batch and self.class_names is not None:
+            return [self.class_prompt.format(self.class_names[i]) for i in batch["class_id"].tolist()]
+        raise KeyError("TA-TiTok needs batch['text'], or batch['class_id'] with class_names set")
+
+    def decoder_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
+        with self.frozen_precision():
+            return (self.text_encoder(self.captions(batch)),)
+
+
+def _class_names(class_names: str | Sequence[str] | None) -> list[str] | None:
+    if class_names is None or isinstance(class_names, list | tuple):
+        return None if class_names is None else list(class_names)
+    if class_names == "imagenet":
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(1000)]
+    raise ValueError(f"class_names must be 'imagenet', a list of names or null, got {class_names!r}")

@@ -1,0 +1,149 @@
+"""Train a model with Lightning, configured by Hydra (conf/train.yaml).
+
+    python train.py                                   # offline demo: small TiTok on the embedded digits (CPU)
+    python train.py experiment=titok_b64 data.train_shards=... data.val_shards=... teacher/...
+    python train.py experiment=titok_b64 trainer=ddp trainer.devices=8 ...
+    python train.py -m model.optimizer.lr=1e-4,2e-4 debug=fdr           # sweep: one sub-folder per job
+    python train.py -m hydra/launcher=slurm trainer=slurm experiment=titok_b64 hydra.launcher.nodes=2 ...
+
+A run writes everything under its folder (``outputs/<task_name>/runs/<time>/``): ``.hydra/`` (composed and
+resolved config), ``checkpoints/`` (``last.ckpt``, periodic ``step_*.ckpt`` and ``config.yaml``), ``csv/``
+metrics, ``images/`` grids, ``train.log``. Started again in the same folder (``hydra.run.dir=<run>``) it
+resumes from ``checkpoints/last.ckpt`` (or a SLURM hpc checkpoint); ``ckpt_path=<file>`` resumes from a
+given checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("train")
+
+
+class MissingSettingError(ValueError):
+    """A mandatory setting (``???`` in the config, e.g. a data path) was not given."""
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """``cfg`` without the ``hydra`` node (present when composed with the compose API, e.g. in tests)."""
+    return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
+
+
+def check_mandatory(cfg: DictConfig) -> None:
+    """Raise one clear error listing every ``???`` setting left unset (data paths, init checkpoints)."""
+    missing = sorted(OmegaConf.missing_keys(job_config(cfg)))
+    if missing:
+        examples = " ".join(f"{key}=<value>" for key in missing)
+        raise MissingSettingError(
+            f"mandatory settings are not set: {', '.join(missing)}. Give them on the command line, e.g.\n"
+            f"  python train.py <your overrides> {examples}\n"
+            "(data paths accept brace patterns such as /data/imagenet/train-{0000..0252}.tar, globs or folders)"
+        )
+
+
+def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
+    """A config group holding several ``_target_`` entries (callbacks, loggers) -> list of objects."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
+
+
+def resolve_ckpt_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """Explicit ``ckpt_path`` wins; otherwise resume when this run folder already has checkpoints."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if SLURMEnvironment.detect() and any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
+        return None  # Lightning restores the SLURM hpc checkpoint itself
+    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+    if last.is_file():
+        log.info("resuming from %s", last)
+        return str(last)
+    return None
+
+
+@rank_zero_only
+def save_config(cfg: DictConfig) -> None:
+    """Resolved config next to the checkpoints (Hydra also keeps the composed one in .hydra/)."""
+    folder = Path(cfg.paths.checkpoint_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(job_config(cfg), folder / "config.yaml", resolve=True)
+
+
+def mean_image_baseline(datamodule: L.LightningDataModule) -> float | None:
+    """Held-out MSE of predicting the mean training image (the embedded digits only; None otherwise)."""
+    from datamodules.digits import DIGITS_SIZE, DigitsDataModule, load_digits_arrays
+
+    if not isinstance(datamodule, DigitsDataModule) or datamodule.image_size != DIGITS_SIZE:
+        return None
+    arrays = load_digits_arrays()
+    mean_image = arrays.train_images.mean(axis=0, keepdims=True)
+    return float(((arrays.val_images - mean_image) ** 2).mean())
+
+
+def report(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict[str, float]:
+    """Validate the final (EMA) weights and compare the reconstruction MSE with the mean-image baseline."""
+    baseline = mean_image_baseline(datamodule) if cfg.get("report_baseline") else None
+    if baseline is None:
+        return {}
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    mse = float(results[0]["val/mse"])
+    metrics = {"val_mse": mse, "mean_image_mse": baseline, "ratio": mse / baseline}
+    if trainer.is_global_zero:
+        verdict = "PASS" if metrics["ratio"] <= 1 / 3 else "FAIL"
+        print(
+            f"\nHeld-out reconstruction MSE: {mse:.5f}   mean-image baseline: {baseline:.5f}   "
+            f"ratio: {metrics['ratio']:.3f} ({verdict}: the bar is <= 0.333)\n"
+            f"Run folder: {cfg.paths.output_dir}"
+        )
+        with open(Path(cfg.paths.output_dir) / "final_metrics.json", "w", encoding="utf-8") as file:
+            json.dump(metrics, file, indent=1)
+    return metrics
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit, then optionally test."""
+    check_mandatory(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("float32_matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    module = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_collection(cfg.get("callbacks"))
+    loggers = instantiate_collection(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    save_config(cfg)
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, trainer))
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        if not trainer.fast_dev_run:
+            metrics.update(report(cfg, trainer, module, datamodule))
+    if cfg.get("test", False):
+        ckpt_path = None if cfg.get("train", True) else cfg.get("ckpt_path")
+        for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path):
+            metrics.update(result)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    # a single number for Hydra sweepers (e.g. Optuna): the held-out reconstruction MSE when available
+    value = metrics.get("val/mse", metrics.get("val_mse"))
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()
