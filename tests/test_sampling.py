@@ -11,10 +11,10 @@ import torch
 from titok_lightning.models.maskgit import ImageBert, MaskGITSampling, UViTBert, guidance_weight, maskgit_generate
 from titok_lightning.models.rar import RAR, KVCache, RARSampling, randomness_ratio, rar_generate
 from titok_lightning.sampling import (
-    arccos_mask_ratio,
     class_condition_ids,
+    masking_ratio,
     power_cosine_guidance,
-    random_arccos_masking,
+    random_masking,
     resolve_generator,
 )
 
@@ -49,17 +49,17 @@ def maskgit(request) -> ImageBert | UViTBert:
 
 
 def test_mask_schedule_end_points_and_monotonicity():
-    assert arccos_mask_ratio(0.0) == 1.0 and arccos_mask_ratio(1.0) == 0.0
+    assert masking_ratio(0.0) == 1.0 and masking_ratio(1.0) == 0.0
     grid = torch.linspace(0, 1, 11)
-    ratios = arccos_mask_ratio(grid)
+    ratios = masking_ratio(grid)
     assert torch.allclose(ratios[[0, -1]], torch.tensor([1.0, 0.0]), atol=1e-6)
     assert (ratios[1:] < ratios[:-1]).all()
-    assert all(math.isclose(arccos_mask_ratio(float(t)), float(r), abs_tol=1e-6) for t, r in zip(grid, ratios))
+    assert all(math.isclose(masking_ratio(float(t)), float(r), abs_tol=1e-6) for t, r in zip(grid, ratios))
 
 
 def test_training_masking_masks_at_least_one_token_with_the_mask_id():
     ids = torch.randint(0, 16, (64, 8))
-    masked, mask = random_arccos_masking(ids, mask_token_id=16, generator=torch.Generator().manual_seed(0))
+    masked, mask = random_masking(ids, mask_token_id=16, generator=torch.Generator().manual_seed(0))
     assert mask.sum(1).min() >= 1 and mask.sum(1).max() <= 8
     assert torch.equal(masked, torch.where(mask, torch.full_like(ids, 16), ids))
     # Small mask ratios are likelier than large ones under the arccos schedule (E[ratio] = 2/pi).
@@ -125,7 +125,7 @@ def test_maskgit_follows_the_arccos_schedule_and_keeps_decoded_tokens(maskgit, m
     final = maskgit_generate(maskgit, CLASSES, MaskGITSampling(num_steps=steps, randomize_temperature=2.0), generator=1)
     expected, masked = [n], n
     for step in range(steps - 1):
-        masked = max(1, min(masked - 1, math.floor(n * arccos_mask_ratio((step + 1) / steps))))
+        masked = max(1, min(masked - 1, math.floor(n * masking_ratio((step + 1) / steps))))
         expected.append(masked)
     counts = [(ids == maskgit.mask_token_id).sum(1) for ids in seen]
     assert [c.tolist() for c in counts] == [[e] * len(CLASSES) for e in expected]

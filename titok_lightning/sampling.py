@@ -3,7 +3,8 @@
 - Token space: image codes ``[0, K)``, the mask id ``K``, class ``c`` as ``K + 1 + c`` and one null
   class ``K + 1 + num_classes`` for classifier-free guidance.
 - Randomness: every sampler takes a ``torch.Generator`` (or an int seed) so that runs repeat exactly.
-- Schedules: the arccos masking schedule and the power-cosine guidance schedule (MDT).
+- Schedules: the masking schedules (MaskGIT's arccos and others) and the power-cosine guidance
+  schedule (MDT).
 """
 
 from __future__ import annotations
@@ -67,28 +68,39 @@ def gumbel_noise(shape: torch.Size | tuple[int, ...], device: torch.device, gene
 # ----------------------------------------------------------------------------------------------------------
 
 
-def arccos_mask_ratio(progress: float | torch.Tensor) -> float | torch.Tensor:
-    """Fraction of tokens still masked at ``progress`` in [0, 1]: 1 at 0, 0 at 1 (MaskGIT arccos)."""
-    if isinstance(progress, torch.Tensor):
-        return torch.acos(progress) / (math.pi / 2)
-    return math.acos(progress) / (math.pi / 2)
+_MASK_SCHEDULES = {
+    "root": lambda r, lib: 1 - r**0.5,
+    "square": lambda r, lib: 1 - r**2,
+    "cosine": lambda r, lib: lib.cos(r * math.pi / 2),
+    "arccos": lambda r, lib: lib.acos(r) / (math.pi / 2),
+    "linear": lambda r, lib: 1 - r,
+}
 
 
-def random_arccos_masking(
-    input_ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None
+def masking_ratio(progress: float | torch.Tensor, mode: str = "arccos") -> float | torch.Tensor:
+    """Fraction of tokens still masked at ``progress`` in [0, 1]: 1 at 0, 0 at 1 for every mode (MaskGIT
+    uses ``"arccos"``)."""
+    if mode not in _MASK_SCHEDULES:
+        raise ValueError(f"unknown masking schedule {mode!r}; choose from {sorted(_MASK_SCHEDULES)}")
+    return _MASK_SCHEDULES[mode](progress, torch if isinstance(progress, torch.Tensor) else math)
+
+
+def random_masking(
+    input_ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None, schedule: str = "arccos"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Training-time masking: per sample draw ``t ~ U(0, 1)``, mask ``round(N * arccos_ratio(t))`` tokens
+    """Training-time masking: per sample draw ``t ~ U(0, 1)``, mask ``round(N * masking_ratio(t))`` tokens
     (at least one) at uniformly random positions.
 
     Args:
         input_ids: [B, N] token ids.
+        schedule: a :func:`masking_ratio` mode.
     Returns:
         masked ids [B, N] (masked positions hold ``mask_token_id``) and the boolean mask [B, N].
     """
     batch, seq_len = input_ids.shape
     device = input_ids.device
     t = torch.rand(batch, device=device, generator=generator)
-    ratio = arccos_mask_ratio(t).clamp(1e-6, 1.0)
+    ratio = masking_ratio(t, schedule).clamp(1e-6, 1.0)
     num_masked = (seq_len * ratio).round().clamp(min=1)
     ranks = torch.rand(batch, seq_len, device=device, generator=generator).argsort(dim=-1)
     mask = ranks < num_masked[:, None]

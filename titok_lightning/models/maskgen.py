@@ -30,25 +30,17 @@ from titok_lightning.models.diffusion import GaussianDiffusion
 from titok_lightning.models.mmdit import AdaLayerNormContinuous, JointAttention, MMDiT, convert_diffusers_keys
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution
 from titok_lightning.registry import register_model
-from titok_lightning.sampling import gumbel_noise, power_cosine_guidance, progress_bar, resolve_generator
+from titok_lightning.sampling import (
+    gumbel_noise,
+    masking_ratio,
+    power_cosine_guidance,
+    progress_bar,
+    random_masking,
+    resolve_generator,
+)
 
 # ----------------------------------------------------------------------------------------------------
-# Masking schedules and micro-conditioning encodings
-
-_MASK_SCHEDULES = {
-    "root": lambda r, lib: 1 - r**0.5,
-    "square": lambda r, lib: 1 - r**2,
-    "cosine": lambda r, lib: lib.cos(r * math.pi / 2),
-    "arccos": lambda r, lib: lib.acos(r) / (math.pi / 2),
-    "linear": lambda r, lib: 1 - r,
-}
-
-
-def masking_ratio(progress: float | torch.Tensor, mode: str = "arccos") -> float | torch.Tensor:
-    """Fraction of tokens that stay masked at ``progress`` in [0, 1]: 1 at 0, 0 at 1 for every mode."""
-    if mode not in _MASK_SCHEDULES:
-        raise ValueError(f"unknown masking schedule {mode!r}; choose from {sorted(_MASK_SCHEDULES)}")
-    return _MASK_SCHEDULES[mode](progress, torch if isinstance(progress, torch.Tensor) else math)
+# Micro-conditioning encodings
 
 
 def sin_cos_encoding(x: torch.Tensor, dim: int, max_period: float = 1000.0) -> torch.Tensor:
@@ -151,10 +143,34 @@ class _TextConditionedGenerator(nn.Module):
             aesthetic_score,
         )
 
+    @staticmethod
+    def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
-def _reference_sections(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    @classmethod
+    def from_reference_config(
+        cls, config: Mapping[str, Any], size_presets=None, patched_constants=None
+    ) -> _TextConditionedGenerator:
+        """Build from the reference's nested config (sizes come from the config itself: no presets)."""
+        return cls(**cls.config_to_kwargs(config))
+
+
+def _reference_sections(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any], dict[str, Any]]:
+    """The reference config's ``vq_model`` and ``maskgen`` sections, and the text-conditioning and
+    transformer arguments that both generators read from them."""
     model = config.get("model", config)
-    return model["vq_model"], model["maskgen"]
+    vq, mg = model["vq_model"], model["maskgen"]
+    conditioning = dict(
+        embed_dim=mg["decoder_embed_dim"],
+        depth=mg["decoder_depth"],
+        num_heads=mg["decoder_num_heads"],
+        text_embed_dim=vq.get("text_embed_dim", 768),
+        micro_condition=mg["micro_condition"],
+        micro_condition_embed_dim=mg["micro_condition_embed_dim"],
+        text_drop_prob=mg["text_drop_prob"],
+        sample_aesthetic_score=mg.get("sample_aesthetic_score", 6.0),
+    )
+    return vq, mg, conditioning
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -242,12 +258,7 @@ class MaskGenVQ(_TextConditionedGenerator):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Training corruption: per sample, a ratio from the masking schedule at a uniform time masks
         ``round(N * ratio)`` (at least 1) random positions. Returns (masked ids [B, N], mask [B, N] bool)."""
-        b, n = tokens.shape
-        t = torch.rand(b, generator=generator, device=tokens.device)
-        num_masked = (n * masking_ratio(t, self.mask_schedule).clamp(1e-6, 1.0)).round().clamp(min=1)
-        ranks = torch.rand(b, n, generator=generator, device=tokens.device).argsort(dim=-1)
-        mask = ranks < num_masked[:, None]
-        return torch.where(mask, self.mask_token_id, tokens), mask
+        return random_masking(tokens, self.mask_token_id, generator, self.mask_schedule)
 
     def guidance_scale_at(self, ratio: float, guidance_scale: float, decay: str, scale_pow: float = 1.0) -> float:
         """Guidance strength after ``ratio`` of the steps: ``"none"`` constant, ``"linear"`` 1 -> scale,
@@ -340,26 +351,15 @@ class MaskGenVQ(_TextConditionedGenerator):
     @staticmethod
     def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments from the reference's nested config (``model.vq_model`` / ``model.maskgen``)."""
-        vq, mg = _reference_sections(config)
+        vq, mg, conditioning = _reference_sections(config)
         return dict(
             codebook_size=vq["codebook_size"],
             num_tokens=vq["num_latent_tokens"],
             num_classes=mg["condition_num_classes"],
-            embed_dim=mg["decoder_embed_dim"],
-            depth=mg["decoder_depth"],
-            num_heads=mg["decoder_num_heads"],
-            text_embed_dim=vq.get("text_embed_dim", 768),
-            micro_condition=mg["micro_condition"],
-            micro_condition_embed_dim=mg["micro_condition_embed_dim"],
-            text_drop_prob=mg["text_drop_prob"],
-            sample_aesthetic_score=mg.get("sample_aesthetic_score", 6.0),
+            **conditioning,
             weight_tying=mg.get("weight_tying", True),
             mask_schedule=mg.get("mask_schedule_strategy", "arccos"),
         )
-
-    @classmethod
-    def from_reference_config(cls, config: Mapping[str, Any], size_presets=None, patched_constants=None) -> MaskGenVQ:
-        return cls(**cls.config_to_kwargs(config))
 
     @staticmethod
     def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -712,29 +712,18 @@ class MaskGenKL(_TextConditionedGenerator):
     @staticmethod
     def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments from the reference's nested config (``model``, ``losses``)."""
-        vq, mg = _reference_sections(config)
+        vq, mg, conditioning = _reference_sections(config)
         losses = config.get("losses", {})
         return dict(
             token_size=vq["token_size"],
             num_tokens=vq["num_latent_tokens"],
             scale_factor=vq["scale_factor"],
-            embed_dim=mg["decoder_embed_dim"],
-            depth=mg["decoder_depth"],
-            num_heads=mg["decoder_num_heads"],
-            text_embed_dim=vq.get("text_embed_dim", 768),
-            micro_condition=mg["micro_condition"],
-            micro_condition_embed_dim=mg["micro_condition_embed_dim"],
-            text_drop_prob=mg["text_drop_prob"],
-            sample_aesthetic_score=mg.get("sample_aesthetic_score", 6.0),
+            **conditioning,
             diffloss_depth=losses["diffloss_d"],
             diffloss_width=losses["diffloss_w"],
             diffusion_batch_mul=mg.get("diffusion_batch_mul", 4),
             num_sampling_steps=losses.get("num_sampling_steps", "100"),
         )
-
-    @classmethod
-    def from_reference_config(cls, config: Mapping[str, Any], size_presets=None, patched_constants=None) -> MaskGenKL:
-        return cls(**cls.config_to_kwargs(config))
 
     @staticmethod
     def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -756,53 +745,26 @@ class MaskGenKL(_TextConditionedGenerator):
 
 _TEXT = dict(text_embed_dim=768, micro_condition=True, micro_condition_embed_dim=256, text_drop_prob=0.1)
 _VQ = dict(codebook_size=8192, num_tokens=128, num_classes=1000, sample_aesthetic_score=6.5, **_TEXT)
-_KL = dict(token_size=16, num_tokens=32, scale_factor=0.7525, sample_aesthetic_score=6.5, **_TEXT)
+_KL = dict(token_size=16, num_tokens=32, scale_factor=0.7525, sample_aesthetic_score=6.5, diffloss_depth=8, **_TEXT)
+_TOKENS = {MaskGenVQ: "128 x VQ 8192 (tatitok_bl128_vq)", MaskGenKL: "32 x KL 16 (tatitok_bl32_vae)"}
 
-register_model(
-    "maskgen_vq_l",
-    MaskGenVQ,
-    family="generator",
-    checkpoint="turkeyju/generator_maskgen_vq_l",
-    tokens="128 x VQ 8192 (tatitok_bl128_vq)",
-    embed_dim=1024,
-    depth=16,
-    num_heads=16,
-    **_VQ,
-)
-register_model(
-    "maskgen_vq_xl",
-    MaskGenVQ,
-    family="generator",
-    checkpoint="turkeyju/generator_maskgen_vq_xl",
-    tokens="128 x VQ 8192 (tatitok_bl128_vq)",
-    embed_dim=1280,
-    depth=20,
-    num_heads=16,
-    **_VQ,
-)
-register_model(
-    "maskgen_kl_l",
-    MaskGenKL,
-    family="generator",
-    checkpoint="turkeyju/generator_maskgen_kl_l",
-    tokens="32 x KL 16 (tatitok_bl32_vae)",
-    embed_dim=1024,
-    depth=16,
-    num_heads=16,
-    diffloss_depth=8,
-    diffloss_width=1024,
-    **_KL,
-)
-register_model(
-    "maskgen_kl_xl",
-    MaskGenKL,
-    family="generator",
-    checkpoint="turkeyju/generator_maskgen_kl_xl",
-    tokens="32 x KL 16 (tatitok_bl32_vae)",
-    embed_dim=1280,
-    depth=20,
-    num_heads=16,
-    diffloss_depth=8,
-    diffloss_width=1280,
-    **_KL,
-)
+_MASKGEN_VARIANTS = {
+    # name: (class, width, depth, class-specific kwargs); 16 heads throughout
+    "maskgen_vq_l": (MaskGenVQ, 1024, 16, _VQ),
+    "maskgen_vq_xl": (MaskGenVQ, 1280, 20, _VQ),
+    "maskgen_kl_l": (MaskGenKL, 1024, 16, dict(_KL, diffloss_width=1024)),
+    "maskgen_kl_xl": (MaskGenKL, 1280, 20, dict(_KL, diffloss_width=1280)),
+}
+
+for _name, (_cls, _width, _depth, _kwargs) in _MASKGEN_VARIANTS.items():
+    register_model(
+        _name,
+        _cls,
+        family="generator",
+        checkpoint=f"turkeyju/generator_{_name}",
+        tokens=_TOKENS[_cls],
+        embed_dim=_width,
+        depth=_depth,
+        num_heads=16,
+        **_kwargs,
+    )

@@ -20,12 +20,12 @@ from titok_lightning.convert import drop_benign_extras, rename_keys
 from titok_lightning.models.blocks import Attention, Block, Mlp, init_trunc_normal
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
-    arccos_mask_ratio,
     class_condition_ids,
     gumbel_noise,
+    masking_ratio,
     power_cosine_guidance,
     progress_bar,
-    random_arccos_masking,
+    random_masking,
     resolve_generator,
 )
 
@@ -131,7 +131,7 @@ class MaskGITGenerator(nn.Module):
         self, input_ids: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Arccos-schedule random masking for training: (masked ids [B, N], mask [B, N] bool)."""
-        return random_arccos_masking(input_ids, self.mask_token_id, generator)
+        return random_masking(input_ids, self.mask_token_id, generator)
 
     @torch.no_grad()
     def generate(
@@ -411,7 +411,7 @@ def maskgit_generate(
         confidence = sampled_logits.masked_fill(~is_masked, math.inf)
         confidence = confidence + temperature * gumbel_noise(confidence.shape, device, generator)
         # Every sample holds the same number of masks, so the count is tracked on the host.
-        num_masked = max(1, min(num_masked - 1, math.floor(seq_len * arccos_mask_ratio(ratio))))
+        num_masked = max(1, min(num_masked - 1, math.floor(seq_len * masking_ratio(ratio, "arccos"))))
         least_confident = confidence.topk(num_masked, dim=-1, largest=False).indices
         ids = sampled.scatter(-1, least_confident, model.mask_token_id)
     return ids
