@@ -3,13 +3,15 @@
 Each model class exposes ``convert_reference_state_dict(state_dict) -> state_dict`` (a pure key/tensor
 mapping, usually a list of regex renames built with :func:`rename_keys`). :func:`load_reference_state_dict`
 runs it and loads strictly, so a checkpoint of another model fails with the missing and unexpected keys
-named instead of loading half the weights.
+named instead of loading half the weights. :class:`FromReferenceConfig` gives a model class its
+``from_reference_config``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -24,6 +26,20 @@ KNOWN_BENIGN_EXTRA_SUFFIXES = (
 
 class CheckpointMismatchError(RuntimeError):
     """The checkpoint does not fit the model: lists the missing, unexpected and mis-shaped keys."""
+
+
+class FromReferenceConfig:
+    """Mixin for model classes whose ``kwargs_from_reference_config(config, size_presets, patched_constants)``
+    reads their constructor arguments from the reference's nested config."""
+
+    @classmethod
+    def from_reference_config(
+        cls,
+        config: Mapping[str, Any],
+        size_presets: Mapping[str, Mapping[str, int]] | None = None,
+        patched_constants: Mapping[str, Any] | None = None,
+    ) -> Any:
+        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
 
 
 def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:

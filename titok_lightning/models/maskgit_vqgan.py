@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from titok_lightning.convert import FromReferenceConfig
 from titok_lightning.models.quantizers import VectorQuantizer
 from titok_lightning.registry import register_model
 
@@ -181,7 +182,7 @@ def pixel_quantizer(codebook_size: int = 1024, codebook_dim: int = 256) -> Vecto
     return VectorQuantizer(codebook_size, codebook_dim, commitment_cost=0.25, use_l2_norm=False)
 
 
-class MaskGITVQGAN(nn.Module):
+class MaskGITVQGAN(FromReferenceConfig, nn.Module):
     """MaskGIT-VQGAN pixel tokenizer (frozen in every use here; kept in eval mode).
 
     ``encode`` images [B, 3, H, W] in [0, 1] -> codes [B, h, w] (int64, h = H / 2^(R-1));
@@ -280,15 +281,6 @@ class MaskGITVQGAN(nn.Module):
         if codebook_dim != conv["z_channels"]:
             raise ValueError(f"codebook dim {codebook_dim} differs from z_channels {conv['z_channels']}")
         return {**conv, "channel_mult": tuple(conv["channel_mult"]), "codebook_size": codebook_size}
-
-    @classmethod
-    def from_reference_config(
-        cls,
-        config: Mapping[str, Any],
-        size_presets: Mapping[str, Any] | None = None,
-        patched_constants: Mapping[str, Any] | None = None,
-    ) -> MaskGITVQGAN:
-        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
 
 
 register_model(

@@ -20,7 +20,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from titok_lightning.models.blocks import Attention, Mlp, init_trunc_normal, modulate
 from titok_lightning.registry import register_model
-from titok_lightning.sampling import class_condition_ids, power_cosine_guidance, progress_bar, resolve_generator
+from titok_lightning.sampling import (
+    ClassConditionalGenerator,
+    power_cosine_guidance,
+    progress_bar,
+    resolve_generator,
+)
 
 # Rows of the reference's position tables beyond the sequence: unused, kept so that checkpoints load.
 POSITION_TABLE_EXTRA_ROWS = 1024
@@ -173,13 +178,16 @@ class RARFinalLayer(nn.Module):
         return modulate(self.norm_final(x), shift, scale)
 
 
-class RAR(nn.Module):
+class RAR(ClassConditionalGenerator):
     """Randomized autoregressive generator.
 
     Token space as MaskGIT (:mod:`titok_lightning.sampling`): image codes, one unused mask id, shifted
     class ids and a null class for guidance. ``forward`` returns ``N + 1`` logits per sample: position
     ``i`` predicts the ``i``-th token of the (possibly permuted) order, the last one predicts past the end.
     """
+
+    sampling_cls = RARSampling
+    reference_sampling_fields = ("guidance_scale", "guidance_scale_pow", "randomize_temperature")
 
     def __init__(
         self,
@@ -197,16 +205,10 @@ class RAR(nn.Module):
         randomness_anneal_end: int = 187_500,
         sampling: RARSampling | dict | None = None,
     ):
-        super().__init__()
-        self.codebook_size = codebook_size
-        self.image_seq_len = image_seq_len
-        self.num_classes = num_classes
+        super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling)
         self.num_layers = num_layers
-        self.class_label_dropout = class_label_dropout
         self.randomness_anneal_start = randomness_anneal_start
         self.randomness_anneal_end = randomness_anneal_end
-        self.null_condition_id = codebook_size + 1 + num_classes
-        self.sampling = sampling if isinstance(sampling, RARSampling) else RARSampling(**(sampling or {}))
 
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, image_seq_len + POSITION_TABLE_EXTRA_ROWS, hidden_size))
@@ -217,7 +219,7 @@ class RAR(nn.Module):
         self.blocks = nn.ModuleList(
             RARBlock(hidden_size, num_heads, intermediate_size, dropout, attn_drop) for _ in range(num_layers)
         )
-        self.embeddings = nn.Embedding(codebook_size + num_classes + 2, hidden_size)
+        self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
         self.adaln_before_head = RARFinalLayer(hidden_size)
         self.lm_head = nn.Linear(hidden_size, codebook_size)
         # A tensor, not a float attribute, so that annealing it does not retrigger torch.compile.
@@ -233,16 +235,7 @@ class RAR(nn.Module):
             nn.init.zeros_(modulation.weight)
             nn.init.zeros_(modulation.bias)
 
-    # -- condition and orders ------------------------------------------------------------------------------
-
-    def preprocess_condition(
-        self, class_ids: torch.Tensor, cond_drop_prob: float = 0.0, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Class ids [B] -> condition token ids [B], replaced by the null class with ``cond_drop_prob``."""
-        return class_condition_ids(class_ids, self.codebook_size, self.num_classes, cond_drop_prob, generator)
-
-    def null_condition(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        return torch.full((batch_size,), self.null_condition_id, dtype=torch.long, device=device)
+    # -- random orders -------------------------------------------------------------------------------------
 
     def set_random_ratio(self, ratio: float) -> None:
         self.random_ratio.fill_(ratio)
@@ -392,34 +385,14 @@ class RAR(nn.Module):
 
     @classmethod
     def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
-        """Constructor kwargs from the reference's nested config (its ``model.generator`` section)."""
         gen = config["model"]["generator"]
-        defaults = RARSampling()
         return dict(
-            codebook_size=config["model"]["vq_model"]["codebook_size"],
-            image_seq_len=gen["image_seq_len"],
-            num_classes=gen["condition_num_classes"],
-            hidden_size=gen["hidden_size"],
-            num_layers=gen["num_hidden_layers"],
-            num_heads=gen["num_attention_heads"],
-            intermediate_size=gen["intermediate_size"],
+            super().kwargs_from_reference_config(config),
             dropout=gen.get("dropout", 0.1),
             attn_drop=gen.get("attn_drop", 0.1),
-            class_label_dropout=gen.get("class_label_dropout", 0.1),
             randomness_anneal_start=gen.get("randomness_anneal_start", 125_000),
             randomness_anneal_end=gen.get("randomness_anneal_end", 187_500),
-            sampling=asdict(
-                RARSampling(
-                    guidance_scale=gen.get("guidance_scale", defaults.guidance_scale),
-                    guidance_scale_pow=gen.get("guidance_scale_pow", defaults.guidance_scale_pow),
-                    randomize_temperature=gen.get("randomize_temperature", defaults.randomize_temperature),
-                )
-            ),
         )
-
-    @classmethod
-    def from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> RAR:
-        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
 
     @staticmethod
     def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 from einops.layers.torch import Rearrange
 
-from titok_lightning.convert import load_reference_state_dict, rename_keys
+from titok_lightning.convert import FromReferenceConfig, load_reference_state_dict, rename_keys
 from titok_lightning.models.blocks import Block, init_trunc_normal
 from titok_lightning.models.maskgit_vqgan import MASKGIT_VQGAN_F16_256, Decoder, conv_kwargs, pixel_quantizer
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution, VectorQuantizer
@@ -196,7 +196,7 @@ class TATiTokDecoder(TiTokDecoder):
         return super().forward(z, context)
 
 
-class TiTok(nn.Module):
+class TiTok(FromReferenceConfig, nn.Module):
     """TiTok 1D tokenizer.
 
     ``quantize_mode="vq"``: tokens are ids into a ``codebook_size`` x ``token_size`` codebook;
@@ -429,15 +429,6 @@ class TiTok(nn.Module):
                 use_l2_norm=vq["use_l2_norm"],
             )
         return kwargs
-
-    @classmethod
-    def from_reference_config(
-        cls,
-        config: Mapping[str, Any],
-        size_presets: Mapping[str, Mapping[str, int]] | None = None,
-        patched_constants: Mapping[str, Any] | None = None,
-    ) -> TiTok:
-        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
 
 
 class TATiTok(TiTok):
