@@ -49,10 +49,14 @@ class _ViT(nn.Module):
     """Shared trunk of the encoder and decoder: class + positional embeddings, pre/post LayerNorms and
     ``depth`` pre-norm blocks (LayerNorm eps 1e-5, GELU)."""
 
-    def __init__(self, width: int, depth: int, num_heads: int, grid_size: int, num_latent_tokens: int):
+    def __init__(
+        self, width: int, depth: int, num_heads: int, image_size: int, patch_size: int, num_latent_tokens: int
+    ):
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         super().__init__()
         self.width = width
-        self.grid_size = grid_size
+        self.grid_size = grid_size = image_size // patch_size
         self.num_latent_tokens = num_latent_tokens
         self.class_embedding = nn.Parameter(torch.empty(1, width))
         self.positional_embedding = nn.Parameter(torch.empty(grid_size**2 + 1, width))
@@ -92,9 +96,7 @@ class TiTokEncoder(_ViT):
         out_channels: int,
         is_legacy: bool,
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-        super().__init__(width, depth, num_heads, image_size // patch_size, num_latent_tokens)
+        super().__init__(width, depth, num_heads, image_size, patch_size, num_latent_tokens)
         self.image_size = image_size
         self.out_channels = out_channels
         self.is_legacy = is_legacy
@@ -135,9 +137,7 @@ class TiTokDecoder(_ViT):
         is_legacy: bool,
         num_proxy_codes: int = 1024,
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
-        super().__init__(width, depth, num_heads, image_size // patch_size, num_latent_tokens)
+        super().__init__(width, depth, num_heads, image_size, patch_size, num_latent_tokens)
         self.token_size = token_size
         self.is_legacy = is_legacy
         self.decoder_embed = nn.Linear(token_size, width)
@@ -499,45 +499,37 @@ def _vit(encoder: str, decoder: str) -> dict[str, int]:
     )
 
 
-_LEGACY_VQ = dict(token_size=12, codebook_size=4096, use_l2_norm=True, is_legacy=True, finetune_decoder=True)
-_VQ8K = dict(token_size=64, codebook_size=8192, use_l2_norm=False, is_legacy=False)
-_VAE16 = dict(token_size=16, quantize_mode="vae", is_legacy=False)
+# Token type: (description for the model zoo, constructor kwargs).
+_LEGACY_VQ = (
+    "VQ 4096",
+    dict(token_size=12, codebook_size=4096, use_l2_norm=True, is_legacy=True, finetune_decoder=True),
+)
+_VQ8K = ("VQ 8192", dict(token_size=64, codebook_size=8192, use_l2_norm=False, is_legacy=False))
+_VAE16 = ("KL 16ch", dict(token_size=16, quantize_mode="vae", is_legacy=False))
+_CHECKPOINTS = {TiTok: "yucornetto/tokenizer_{}_imagenet", TATiTok: "turkeyju/tokenizer_{}"}
 
-for _name, _tokens, _sizes, _cfg, _tok_desc in [
-    ("titok_l32", 32, ("large", "large"), _LEGACY_VQ, "VQ 4096"),
-    ("titok_b64", 64, ("base", "base"), _LEGACY_VQ, "VQ 4096"),
-    ("titok_s128", 128, ("small", "small"), _LEGACY_VQ, "VQ 4096"),
-    ("titok_bl64_vq8k", 64, ("base", "large"), _VQ8K, "VQ 8192"),
-    ("titok_bl128_vq8k", 128, ("base", "large"), _VQ8K, "VQ 8192"),
-    ("titok_sl256_vq8k", 256, ("small", "large"), _VQ8K, "VQ 8192"),
-    ("titok_ll32_vae_c16", 32, ("large", "large"), _VAE16, "KL 16ch"),
-    ("titok_bl64_vae_c16", 64, ("base", "large"), _VAE16, "KL 16ch"),
-    ("titok_bl128_vae_c16", 128, ("base", "large"), _VAE16, "KL 16ch"),
+for _cls, _name, _tokens, _sizes, (_tok_desc, _cfg) in [
+    (TiTok, "titok_l32", 32, ("large", "large"), _LEGACY_VQ),
+    (TiTok, "titok_b64", 64, ("base", "base"), _LEGACY_VQ),
+    (TiTok, "titok_s128", 128, ("small", "small"), _LEGACY_VQ),
+    (TiTok, "titok_bl64_vq8k", 64, ("base", "large"), _VQ8K),
+    (TiTok, "titok_bl128_vq8k", 128, ("base", "large"), _VQ8K),
+    (TiTok, "titok_sl256_vq8k", 256, ("small", "large"), _VQ8K),
+    (TiTok, "titok_ll32_vae_c16", 32, ("large", "large"), _VAE16),
+    (TiTok, "titok_bl64_vae_c16", 64, ("base", "large"), _VAE16),
+    (TiTok, "titok_bl128_vae_c16", 128, ("base", "large"), _VAE16),
+    (TATiTok, "tatitok_bl32_vq", 32, ("base", "large"), _VQ8K),
+    (TATiTok, "tatitok_bl64_vq", 64, ("base", "large"), _VQ8K),
+    (TATiTok, "tatitok_bl128_vq", 128, ("base", "large"), _VQ8K),
+    (TATiTok, "tatitok_bl32_vae", 32, ("base", "large"), _VAE16),
+    (TATiTok, "tatitok_bl64_vae", 64, ("base", "large"), _VAE16),
+    (TATiTok, "tatitok_sl128_vae", 128, ("small", "large"), _VAE16),
 ]:
     register_model(
         _name,
-        TiTok,
+        _cls,
         family="tokenizer",
-        checkpoint=f"yucornetto/tokenizer_{_name}_imagenet",
-        tokens=f"{_tokens} x {_tok_desc}",
-        num_latent_tokens=_tokens,
-        **_vit(*_sizes),
-        **_cfg,
-    )
-
-for _name, _tokens, _sizes, _cfg, _tok_desc in [
-    ("tatitok_bl32_vq", 32, ("base", "large"), _VQ8K, "VQ 8192"),
-    ("tatitok_bl64_vq", 64, ("base", "large"), _VQ8K, "VQ 8192"),
-    ("tatitok_bl128_vq", 128, ("base", "large"), _VQ8K, "VQ 8192"),
-    ("tatitok_bl32_vae", 32, ("base", "large"), _VAE16, "KL 16ch"),
-    ("tatitok_bl64_vae", 64, ("base", "large"), _VAE16, "KL 16ch"),
-    ("tatitok_sl128_vae", 128, ("small", "large"), _VAE16, "KL 16ch"),
-]:
-    register_model(
-        _name,
-        TATiTok,
-        family="tokenizer",
-        checkpoint=f"turkeyju/tokenizer_{_name}",
+        checkpoint=_CHECKPOINTS[_cls].format(_name),
         tokens=f"{_tokens} x {_tok_desc}",
         num_latent_tokens=_tokens,
         **_vit(*_sizes),
