@@ -33,9 +33,11 @@ MASKGIT_VQGAN_F16_256: dict[str, Any] = {
 }
 
 
-def _check_config(channel_mult: Sequence[int], num_resolutions: int) -> None:
+def _widths(channel_mult: Sequence[int], num_resolutions: int, hidden_channels: int) -> list[int]:
+    """Channel width at each resolution, finest first."""
     if len(channel_mult) != num_resolutions:
         raise ValueError(f"channel_mult {tuple(channel_mult)} needs one entry per resolution ({num_resolutions})")
+    return [hidden_channels * m for m in channel_mult]
 
 
 def conv_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -67,12 +69,17 @@ class ResnetBlock(nn.Module):
         return h + (self.nin_shortcut(h) if self.nin_shortcut is not None else x)
 
 
+def _res_blocks(in_channels: int, out_channels: int, num_blocks: int, dropout: float) -> nn.ModuleList:
+    """``num_blocks`` residual blocks, the first one changing the width."""
+    return nn.ModuleList(
+        ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(num_blocks)
+    )
+
+
 class DownsamplingBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, dropout: float, downsample: bool):
         super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(num_res_blocks)
-        )
+        self.block = _res_blocks(in_channels, out_channels, num_res_blocks, dropout)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,9 +91,7 @@ class DownsamplingBlock(nn.Module):
 class UpsamplingBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, num_res_blocks: int, dropout: float, upsample: bool):
         super().__init__()
-        self.block = nn.ModuleList(
-            ResnetBlock(in_channels if i == 0 else out_channels, out_channels, dropout) for i in range(num_res_blocks)
-        )
+        self.block = _res_blocks(in_channels, out_channels, num_res_blocks, dropout)
         self.upsample_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1) if upsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +116,7 @@ class Encoder(nn.Module):
         z_channels: int = 256,
     ):
         super().__init__()
-        _check_config(channel_mult, num_resolutions)
-        widths = [hidden_channels * m for m in channel_mult]
+        widths = _widths(channel_mult, num_resolutions, hidden_channels)
         self.conv_in = nn.Conv2d(num_channels, hidden_channels, 3, padding=1, bias=False)
         self.down = nn.ModuleList(
             DownsamplingBlock(
@@ -124,7 +128,7 @@ class Encoder(nn.Module):
             )
             for i in range(num_resolutions)
         )
-        self.mid = nn.ModuleList(ResnetBlock(widths[-1], widths[-1], dropout) for _ in range(num_res_blocks))
+        self.mid = _res_blocks(widths[-1], widths[-1], num_res_blocks, dropout)
         self.norm_out = nn.GroupNorm(32, widths[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[-1], z_channels, 1)
 
@@ -155,10 +159,9 @@ class Decoder(nn.Module):
         z_channels: int = 256,
     ):
         super().__init__()
-        _check_config(channel_mult, num_resolutions)
-        widths = [hidden_channels * m for m in channel_mult]
+        widths = _widths(channel_mult, num_resolutions, hidden_channels)
         self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
-        self.mid = nn.ModuleList(ResnetBlock(widths[-1], widths[-1], dropout) for _ in range(num_res_blocks))
+        self.mid = _res_blocks(widths[-1], widths[-1], num_res_blocks, dropout)
         self.up = nn.ModuleList(
             UpsamplingBlock(
                 widths[min(i + 1, num_resolutions - 1)], widths[i], num_res_blocks, dropout, upsample=i != 0
