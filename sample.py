@@ -1,0 +1,500 @@
+"""Generate images for evaluation (or reconstruct a validation set), configured by Hydra (conf/sample.yaml).
+
+    python sample.py ckpt_path=outputs/rar_b/runs/<time>/checkpoints/last.ckpt      # a generator trained here (EMA)
+    python sample.py model=rar_xl metrics.reference=VIRTUAL_imagenet256_labeled.npz  # official weights
+    python sample.py model=maskgen_vq_l prompts_file=captions.txt num_per_class=4     # text-to-image
+    python sample.py ckpt_path=... trainer.devices=8 trainer.strategy=ddp             # multi-GPU (DDP)
+    python sample.py mode=reconstruct tokenizer=titok_b64 data.val_shards='/data/in1k/val-{0000..0009}.tar'
+
+Generation follows the reference's protocol: ``num_per_class`` images of every class (50 x 1000 = 50,000 for
+ImageNet; image ``i`` has class ``i % num_classes``), or of every prompt of ``prompts_file`` for MaskGen. Images are
+written as ``<output_dir>/images/<i:06d>.png`` in chunks of ``batch_size``; chunk ``c`` is drawn from seed
+``(seed, c)``, so the result depends neither on the number of devices nor on interruptions: a rerun with the same
+settings skips the chunks already written. Then ``<output_dir>/samples.npz`` (``arr_0``: uint8 [N, H, W, 3], the
+sample batch of OpenAI's ADM evaluator) and the metrics: FID / Inception Score (and precision / recall when real
+images are available) from torch-fidelity's InceptionV3 against ``metrics.reference`` (ADM reference batch with
+``mu``/``sigma`` and optionally ``arr_0`` images, or an .npz / folder of real images), saved to ``metrics.json``.
+The evaluator that produced each number is printed; published ImageNet numbers come from the ADM evaluator.
+
+``mode=reconstruct`` encodes and decodes ``data.val_shards`` with a tokenizer and reports rFID, Inception Score and
+codebook usage / entropy (VQ), all ranks combined.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
+from titok_lightning.lit.generator import build_text_encoder, generate_images
+from titok_lightning.lit.tokenizer import build_model, plain
+from titok_lightning.metrics import (
+    FeatureExtractor,
+    FeatureStatistics,
+    frechet_distance,
+    images_to_uint8,
+    inception_score,
+    save_npz_for_adm,
+)
+from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
+from titok_lightning.models.maskgit import MaskGITGenerator
+from titok_lightning.models.rar import RAR
+
+log = logging.getLogger("sample")
+
+# official generator -> the tokenizer whose tokens it models
+OFFICIAL_TOKENIZERS = {
+    "maskgit_titok_l32": "titok_l32",
+    "maskgit_titok_b64": "titok_b64",
+    "maskgit_titok_s128": "titok_s128",
+    **{f"rar_{size}": "maskgit_vqgan_f16_256" for size in ("b", "l", "xl", "xxl")},
+    "maskgen_vq_l": "tatitok_bl128_vq",
+    "maskgen_vq_xl": "tatitok_bl128_vq",
+    "maskgen_kl_l": "tatitok_bl32_vae",
+    "maskgen_kl_xl": "tatitok_bl32_vae",
+}
+CHUNK_SEED_STRIDE = 1_000_003
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer, nn.Module | None, str]:
+    """(generator in eval mode, frozen tokenizer, CLIP text encoder or None, a name for the output folder)."""
+    if (cfg.ckpt_path is None) == (cfg.model is None):
+        raise ValueError("give exactly one of ckpt_path=<generator .ckpt of this project> or model=<official name>")
+    text_encoder_spec = plain(cfg.text_encoder)
+    if cfg.ckpt_path is not None:
+        from callbacks.ema import load_model_state_dict
+
+        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
+        hparams = checkpoint.get("hyper_parameters", {})
+        if "generator" not in hparams:
+            raise KeyError(f"{cfg.ckpt_path} was not written by a generator module of this project")
+        generator = build_model(hparams["generator"])
+        generator.load_state_dict(load_model_state_dict(cfg.ckpt_path, use_ema=cfg.use_ema))
+        tokenizer_source = cfg.tokenizer if cfg.tokenizer is not None else hparams.get("tokenizer")
+        text_encoder_spec = hparams.get("text_encoder", text_encoder_spec)
+        name = f"{Path(cfg.ckpt_path).stem}"
+    else:
+        from titok_lightning.hub import load_pretrained
+
+        generator = load_pretrained(str(cfg.model), variant=cfg.model_variant)
+        tokenizer_source = cfg.tokenizer or OFFICIAL_TOKENIZERS.get(str(cfg.model_variant or cfg.model))
+        name = Path(str(cfg.model)).stem
+    if tokenizer_source is None:
+        raise ValueError("which tokenizer decodes this generator's tokens? set tokenizer=<name, file or .ckpt>")
+    tokenizer = load_frozen_tokenizer(plain(tokenizer_source))
+    text_encoder = None
+    if isinstance(generator, (MaskGenVQ, MaskGenKL)):
+        text_encoder = build_text_encoder(**text_encoder_spec)
+    return generator.eval().requires_grad_(False), tokenizer, text_encoder, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation: chunks of the index range, one seed per chunk
+# ----------------------------------------------------------------------------------------------------------
+
+
+def sample_conditions(cfg: DictConfig, generator: nn.Module) -> list[int] | list[str]:
+    """The condition of every image index: class ``i % num_classes`` or prompt ``i % num_prompts``."""
+    if isinstance(generator, (MaskGITGenerator, RAR)):
+        num_classes = cfg.num_classes or generator.num_classes
+        if not 0 < num_classes <= generator.num_classes:
+            raise ValueError(f"num_classes={num_classes}, the generator has {generator.num_classes} classes")
+        return list(range(num_classes)) * cfg.num_per_class
+    if cfg.prompts_file is None:
+        raise ValueError("text-to-image generators need prompts_file=<text file, one prompt per line>")
+    with open(cfg.prompts_file, encoding="utf-8") as file:
+        prompts = [line.strip() for line in file if line.strip()]
+    if not prompts:
+        raise ValueError(f"{cfg.prompts_file} holds no prompts")
+    return prompts * cfg.num_per_class
+
+
+def image_path(folder: Path, index: int) -> Path:
+    return folder / f"{index:06d}.png"
+
+
+class Chunks(Dataset):
+    """Chunks ``(chunk index, first image index, conditions)`` whose images are not all written yet."""
+
+    def __init__(self, conditions: Sequence[int | str], batch_size: int, folder: Path):
+        self.items = []
+        for chunk, start in enumerate(range(0, len(conditions), batch_size)):
+            end = min(start + batch_size, len(conditions))
+            if not all(image_path(folder, i).is_file() for i in range(start, end)):
+                self.items.append((chunk, start, list(conditions[start:end])))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+class GenerationModule(L.LightningModule):
+    """Predict loop body: generate one chunk with its own seed and write its PNGs (atomically)."""
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        tokenizer: FrozenTokenizer,
+        text_encoder: nn.Module | None,
+        folder: Path,
+        seed: int,
+        sampling: Mapping[str, Any],
+        aesthetic_score: float | None,
+    ):
+        super().__init__()
+        self.generator, self.tokenizer, self.text_encoder = generator, tokenizer, text_encoder
+        self.folder, self.seed, self.sampling, self.aesthetic_score = folder, seed, dict(sampling), aesthetic_score
+
+    def predict_step(self, item, batch_idx: int) -> None:
+        chunk, start, conditions = item
+        if isinstance(conditions[0], str):
+            condition = conditions
+        else:
+            condition = torch.tensor(conditions, dtype=torch.long, device=self.device)
+        images = generate_images(
+            self.generator,
+            self.tokenizer,
+            condition,
+            text_encoder=self.text_encoder,
+            aesthetic_score=self.aesthetic_score,
+            sampling=self.sampling,
+            seed=self.seed * CHUNK_SEED_STRIDE + chunk,
+        )
+        pixels = images_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+        for offset, array in enumerate(pixels):
+            path = image_path(self.folder, start + offset)
+            partial = path.with_suffix(".png.partial")
+            Image.fromarray(array).save(partial, format="PNG")
+            os.replace(partial, path)  # a killed run never leaves a truncated image that resuming would keep
+
+
+def read_images(folder: Path, count: int) -> np.ndarray:
+    """uint8 [count, H, W, 3] from ``<folder>/<i:06d>.png``; a clear error names missing files."""
+    missing = [i for i in range(count) if not image_path(folder, i).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {count} images are missing in {folder} (e.g. {missing[:5]})")
+    return np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(count)])
+
+
+def check_output_identity(output_dir: Path, identity: dict[str, Any]) -> None:
+    """Refuse to resume into a folder written by other settings (its images would be mixed into this run)."""
+    marker = output_dir / "sample_config.json"
+    if marker.is_file():
+        previous = json.loads(marker.read_text())
+        if previous != identity:
+            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
+            raise ValueError(
+                f"{output_dir} holds samples made with other settings ({', '.join(changed)} differ); choose another "
+                "output_dir or delete it"
+            )
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(identity, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def extract_features(
+    extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 250, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, H, W, 3] -> (features [N, D] float64, logits [N, C]) in batches."""
+    features, logits = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
+        batch_features, batch_logits = extractor(batch.to(device) if device is not None else batch)
+        features.append(batch_features.double().cpu())
+        logits.append(batch_logits.float().cpu())
+    return torch.cat(features), torch.cat(logits)
+
+
+def load_reference(path: str | os.PathLike) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
+    """``(mu, sigma)`` and/or real images uint8 [M, H, W, 3] from an ADM reference batch, an .npz of images
+    (``arr_0``) or a folder of images."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        if not files:
+            raise FileNotFoundError(f"no images in the reference folder {path}")
+        return None, np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics.reference {str(path)!r} does not exist")
+    with np.load(path) as data:
+        statistics = (data["mu"], data["sigma"]) if {"mu", "sigma"} <= set(data.files) else None
+        images = data["arr_0"] if "arr_0" in data.files else None
+    if statistics is None and images is None:
+        raise KeyError(f"{path} has neither mu/sigma nor arr_0 images")
+    return statistics, images
+
+
+def evaluate_images(
+    images: np.ndarray,
+    extractor: FeatureExtractor,
+    reference_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+    reference_images: np.ndarray | None = None,
+    is_splits: int = 10,
+    prc_neighborhood: int = 3,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """FID (against the reference statistics, or those of the reference images), Inception Score, and precision /
+    recall (k-NN manifolds of torch-fidelity, on the same features) when reference images are given.
+
+    Args:
+        images: generated uint8 [N, H, W, 3].
+        extractor: uint8 [B, 3, H, W] -> (features [B, D], logits [B, C]).
+    """
+    features, logits = extract_features(extractor, images, device=device)
+    results: dict[str, float] = {}
+    if len(images) >= is_splits:
+        results["inception_score"], results["inception_score_std"] = inception_score(logits, splits=is_splits)
+    real_features = None
+    if reference_images is not None:
+        real_features, _ = extract_features(extractor, reference_images, device=device)
+        if reference_statistics is None:
+            reference_statistics = _moments(real_features)
+    if reference_statistics is not None:
+        results["fid"] = frechet_distance(*_moments(features), *reference_statistics)
+    if real_features is not None:
+        from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+        precision, recall = calculate_precision_recall_part(
+            features.float(), real_features.float(), neighborhood=prc_neighborhood
+        )
+        results["precision"], results["recall"] = float(precision), float(recall)
+    return results
+
+
+def _moments(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    statistics = FeatureStatistics()
+    statistics.update(features)
+    return statistics.mean_and_covariance()
+
+
+def inception_evaluator(cfg: DictConfig, device: torch.device) -> tuple[FeatureExtractor, str] | None:
+    """torch-fidelity's InceptionV3 with the TF-FID weights, or None (with the reason printed) when unavailable."""
+    from titok_lightning.metrics import InceptionWeightsUnavailableError, load_inception_extractor
+
+    try:
+        extractor = load_inception_extractor(cfg.metrics.inception_weights_path, dtype=cfg.metrics.inception_dtype)
+    except InceptionWeightsUnavailableError as error:
+        print(f"metrics skipped: {error}")
+        return None
+    description = (
+        f"torch-fidelity InceptionV3 (TF-FID weights, {cfg.metrics.inception_dtype} internals, float64 statistics); "
+        "published ImageNet numbers use OpenAI's ADM evaluator on samples.npz"
+    )
+    return extractor.to(device).eval(), description
+
+
+def report_metrics(
+    cfg: DictConfig,
+    images: np.ndarray,
+    output_dir: Path,
+    evaluator: tuple[FeatureExtractor, str] | None,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Compute, print and save (``metrics.json``) the metrics of the generated images."""
+    if evaluator is None:
+        return {}
+    extractor, description = evaluator
+    statistics, reference_images = (None, None)
+    if cfg.metrics.reference is not None:
+        statistics, reference_images = load_reference(cfg.metrics.reference)
+    else:
+        print("no metrics.reference: Inception Score only (FID / precision / recall need real statistics or images)")
+    results = evaluate_images(
+        images,
+        extractor,
+        statistics,
+        reference_images,
+        is_splits=cfg.metrics.is_splits,
+        prc_neighborhood=cfg.metrics.prc_neighborhood,
+        device=device,
+    )
+    record = {**results, "num_images": len(images), "evaluator": description, "reference": cfg.metrics.reference}
+    (output_dir / "metrics.json").write_text(json.dumps(record, indent=1))
+    print(f"evaluator: {description}")
+    for key, value in results.items():
+        print(f"  {key}: {value:.4f}")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reconstruction mode
+# ----------------------------------------------------------------------------------------------------------
+
+
+class ReconstructionModule(L.LightningModule):
+    """Validation loop body: encode/decode a batch; ``callbacks.ReconstructionMetricsCallback`` does the metrics."""
+
+    def __init__(self, tokenizer: FrozenTokenizer, text_encoder: nn.Module | None, class_prompt: str):
+        super().__init__()
+        self.tokenizer, self.text_encoder, self.class_prompt = tokenizer, text_encoder, class_prompt
+        self._class_names: list[str] | None = None
+
+    def captions(self, batch: Mapping[str, Any]) -> list[str]:
+        if "text" in batch:
+            return list(batch["text"])
+        if self._class_names is None:
+            from timm.data import ImageNetInfo
+
+            info = ImageNetInfo()
+            self._class_names = [info.index_to_description(i) for i in range(1000)]
+        return [self.class_prompt.format(self._class_names[i]) for i in batch["class_id"].tolist()]
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        images = batch["image"]
+        guidance = None
+        if self.tokenizer.needs_text:
+            from titok_lightning.lit.generator import encode_captions
+
+            guidance = encode_captions(self.text_encoder, self.captions(batch)).guidance[:-1]
+        reconstructions, tokens = self.tokenizer.reconstruct(images, guidance)
+        # the reference evaluator scores reconstructions rounded to 8-bit levels
+        outputs = {"inputs": images, "reconstructions": torch.round(reconstructions * 255.0) / 255.0}
+        if self.tokenizer.kind == "vq":
+            outputs["codes"], outputs["codebook_size"] = tokens, self.tokenizer.codebook_size
+        return outputs
+
+
+def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, float]:
+    """Reconstruction metrics of ``cfg.tokenizer`` on ``cfg.data.val_shards``."""
+    from callbacks import ReconstructionMetricsCallback
+    from datamodules import ImageDataModule
+
+    if cfg.tokenizer is None:
+        raise ValueError("mode=reconstruct needs tokenizer=<name, file or .ckpt>")
+    tokenizer = load_frozen_tokenizer(plain(cfg.tokenizer), use_ema=cfg.use_ema)
+    text_encoder = build_text_encoder(**plain(cfg.text_encoder)) if tokenizer.needs_text else None
+    datamodule = ImageDataModule(
+        val_shards=cfg.data.val_shards,
+        image_size=cfg.data.image_size or tokenizer.image_size,
+        label_key=cfg.data.label_key,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    metrics = ReconstructionMetricsCallback(
+        feature_extractor=feature_extractor,
+        inception_weights_path=cfg.metrics.inception_weights_path,
+        inception_dtype=cfg.metrics.inception_dtype,
+        is_splits=cfg.metrics.is_splits,
+        prefix="reconstruction",
+    )
+    trainer = L.Trainer(**plain(cfg.trainer), callbacks=[metrics], logger=False, enable_checkpointing=False)
+    module = ReconstructionModule(tokenizer, text_encoder, cfg.data.class_prompt)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    results = dict(metrics.last_metrics)
+    if trainer.is_global_zero:
+        evaluator = "injected feature extractor" if feature_extractor is not None else "torch-fidelity InceptionV3"
+        print(f"reconstruction of {cfg.data.val_shards} with {cfg.tokenizer} (evaluator: {evaluator})")
+        for key, value in results.items():
+            print(f"  {key}: {value:.4f}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_output_dir(cfg: DictConfig, name: str) -> Path:
+    """Next to the training run for a checkpoint (``<run>/samples/<ckpt>-seed<s>``), else under outputs/."""
+    if cfg.ckpt_path is not None:
+        run = Path(cfg.ckpt_path).resolve().parent
+        run = run.parent if run.name == "checkpoints" else run
+        return run / "samples" / f"{name}-seed{cfg.seed}"
+    return Path(cfg.paths.log_dir) / "samples" / f"{name}-seed{cfg.seed}"
+
+
+def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+    """Generate every missing image, then (rank 0) write the npz and the metrics. Returns the metrics record."""
+    generator, tokenizer, text_encoder, name = load_generation_models(cfg)
+    conditions = sample_conditions(cfg, generator)
+    output_dir = Path(cfg.output_dir) if cfg.output_dir is not None else default_output_dir(cfg, name)
+    folder = output_dir / "images"
+    sampling = plain(cfg.sampling) or {}
+    trainer = L.Trainer(**plain(cfg.trainer), logger=False, enable_checkpointing=False)
+    if trainer.is_global_zero:
+        identity = {
+            "source": str(cfg.ckpt_path or cfg.model),
+            "seed": cfg.seed,
+            "batch_size": cfg.batch_size,
+            "sampling": sampling,
+            "aesthetic_score": cfg.aesthetic_score,
+            "num_images": len(conditions),
+            "use_ema": cfg.use_ema,
+        }
+        check_output_identity(output_dir, identity)
+        folder.mkdir(parents=True, exist_ok=True)
+    trainer.strategy.barrier()
+    chunks = Chunks(conditions, cfg.batch_size, folder)
+    total_chunks = math.ceil(len(conditions) / cfg.batch_size)
+    if trainer.is_global_zero:
+        print(f"{len(conditions)} images in {total_chunks} chunks; {len(chunks)} to generate into {folder}")
+    module = GenerationModule(generator, tokenizer, text_encoder, folder, cfg.seed, sampling, cfg.aesthetic_score)
+    if len(chunks):
+        loader = DataLoader(chunks, batch_size=1, collate_fn=lambda items: items[0])
+        trainer.predict(module, dataloaders=loader, return_predictions=False)
+    trainer.strategy.barrier()
+    if not trainer.is_global_zero:
+        return {}
+    images = read_images(folder, len(conditions))
+    if cfg.save_npz:
+        save_npz_for_adm(output_dir / "samples.npz", images)
+        print(f"wrote {output_dir / 'samples.npz'} (arr_0: uint8 {list(images.shape)})")
+    if not cfg.metrics.enabled:
+        return {}
+    device = trainer.strategy.root_device
+    if feature_extractor is not None:
+        evaluator = (feature_extractor, "injected feature extractor (not comparable with published numbers)")
+    else:
+        evaluator = inception_evaluator(cfg, device)
+    return report_metrics(cfg, images, output_dir, evaluator, device)
+
+
+def run(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, Any]:
+    missing = sorted(key for key in OmegaConf.missing_keys(cfg) if not key.startswith("hydra"))
+    if missing:
+        raise ValueError(f"mandatory settings are not set: {', '.join(missing)}")
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("float32_matmul_precision"):
+        torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
+    torch.set_grad_enabled(False)
+    if cfg.mode == "reconstruct":
+        return reconstruct(cfg, feature_extractor)
+    if cfg.mode != "generate":
+        raise ValueError(f"mode must be generate or reconstruct, got {cfg.mode!r}")
+    return generate(cfg, feature_extractor)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
