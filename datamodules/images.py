@@ -17,11 +17,10 @@ from typing import Any
 
 import torch
 
-from datamodules.shards import SampleDecoder, ShardedDataModule, ShardSpec
+from datamodules.shards import SampleDecoder, ShardedDataModule, ShardSpec, check_label_key, decode_label
 from datamodules.transforms import decode_image, eval_transform, train_transform
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-LABEL_KEYS = ("cls", "txt", None)
 
 
 class ImageSampleDecoder:
@@ -62,13 +61,8 @@ class ImageSampleDecoder:
         extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
         if extension is None:
             raise KeyError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) among {sorted(sample)}")
-        decoded = {"image": self.transform(decode_image(sample[extension]))}
-        if self.label_key == "cls":
-            decoded["class_id"] = int(sample["cls"])
-        elif self.label_key == "txt":
-            decoded["text"] = sample["txt"].decode("utf-8")
-        decoded["key"] = sample["__key__"]
-        return decoded
+        image = self.transform(decode_image(sample[extension]))
+        return {"image": image, **decode_label(sample, self.label_key), "key": sample["__key__"]}
 
 
 class ImageDataModule(ShardedDataModule):
@@ -139,9 +133,9 @@ class ImageDataModule(ShardedDataModule):
             rank=rank,
             world_size=world_size,
         )
-        for name, value in (("label_key", label_key), ("val_label_key", val_label_key)):
-            if value not in LABEL_KEYS and not (name == "val_label_key" and value == "same"):
-                raise ValueError(f"{name} must be one of {LABEL_KEYS}, got {value!r}")
+        check_label_key("label_key", label_key)
+        if val_label_key != "same":
+            check_label_key("val_label_key", val_label_key)
         if max_aspect_ratio is not None and max_aspect_ratio < 1.0:
             raise ValueError(f"max_aspect_ratio must be >= 1 (it bounds h/w and w/h), got {max_aspect_ratio}")
         self.save_hyperparameters(logger=False)

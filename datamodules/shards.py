@@ -1,7 +1,7 @@
 """WebDataset plumbing shared by the image and token datamodules.
 
-Shard specifications, counting of skipped (unreadable) samples across DataLoader workers, exact
-rank x worker partitioning for evaluation, batch collation, and `ShardedDataModule`, the
+Shard specifications, label decoding, counting of skipped (unreadable) samples across DataLoader workers,
+exact rank x worker partitioning for evaluation, batch collation, and `ShardedDataModule`, the
 LightningDataModule base that turns per-sample decoders into resampled training and exact
 validation loaders.
 """
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 ShardSpec = str | os.PathLike | Sequence[str | os.PathLike]
 SampleDecoder = Callable[[dict[str, Any]], dict[str, Any] | None]
+LABEL_KEYS = ("cls", "txt", None)
 
 # Streamed by webdataset's gopen; existence cannot be checked up front.
 _REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "hf://", "pipe:")
@@ -102,6 +103,20 @@ def count_samples(shards: Sequence[str]) -> int:
                     total += 1
                     previous_key = match.group(1)
     return total
+
+
+def check_label_key(name: str, value: str | None) -> None:
+    if value not in LABEL_KEYS:
+        raise ValueError(f"{name} must be one of {LABEL_KEYS}, got {value!r}")
+
+
+def decode_label(sample: dict[str, Any], label_key: str | None) -> dict[str, Any]:
+    """A raw sample's label: {"class_id": int} (label_key "cls"), {"text": str} ("txt") or {} (None)."""
+    if label_key == "cls":
+        return {"class_id": int(sample["cls"])}
+    if label_key == "txt":
+        return {"text": sample["txt"].decode("utf-8")}
+    return {}
 
 
 def worker_slot() -> tuple[int, int]:

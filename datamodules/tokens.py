@@ -26,7 +26,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.convert import write_shards
-from datamodules.shards import SampleDecoder, ShardedDataModule, ShardSpec, collate_samples
+from datamodules.shards import (
+    SampleDecoder,
+    ShardedDataModule,
+    ShardSpec,
+    check_label_key,
+    collate_samples,
+    decode_label,
+)
 
 _NPY_MAGIC = b"\x93NUMPY"
 TOKEN_DTYPES = (None, "int64", "float32")
@@ -157,11 +164,7 @@ class TokenSampleDecoder:
             self._shape_seen = tokens.shape
         elif tokens.shape != self._shape_seen:
             raise ValueError(f"token shape {tokens.shape} differs from earlier samples' {self._shape_seen}")
-        decoded: dict[str, Any] = {"tokens": _to_tensor(tokens, self.token_dtype)}
-        if self.label_key == "cls":
-            decoded["class_id"] = int(sample["cls"])
-        elif self.label_key == "txt":
-            decoded["text"] = sample["txt"].decode("utf-8")
+        decoded = {"tokens": _to_tensor(tokens, self.token_dtype), **decode_label(sample, self.label_key)}
         if self.with_aesthetic_score:
             decoded["aesthetic_score"] = self._aesthetic_score(sample)
         decoded["key"] = sample["__key__"]
@@ -263,8 +266,7 @@ class TokenDataModule(ShardedDataModule):
         )
         if train_jsonl is not None and train_shards is not None:
             raise ValueError("give train_shards or train_jsonl, not both")
-        if label_key not in ("cls", "txt", None):
-            raise ValueError(f"label_key must be 'cls', 'txt' or None, got {label_key!r}")
+        check_label_key("label_key", label_key)
         if token_dtype not in TOKEN_DTYPES:
             raise ValueError(f"token_dtype must be one of {TOKEN_DTYPES}, got {token_dtype!r}")
         self.save_hyperparameters(logger=False)
