@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file
+
+from titok_lightning.convert import load_reference_state_dict
 
 
 @dataclass
@@ -53,6 +56,13 @@ class Fixture:
             inputs=section("input/"),
             outputs=section("output/"),
         )
+
+
+def build_model(model_cls: type, fixture: Fixture) -> nn.Module:
+    """``model_cls`` built from the fixture's reference config (with its size presets and patched
+    constants), the fixture's reference state dict loaded through the class's conversion; eval mode."""
+    model = model_cls.from_reference_config(fixture.config, fixture.size_presets, fixture.patched_constants)
+    return load_reference_state_dict(model, fixture.state_dict).eval()
 
 
 def all_runners() -> dict[str, Any]:

@@ -11,8 +11,7 @@ from typing import Any
 
 import torch
 
-from tests.parity_runners import Fixture
-from titok_lightning.convert import load_reference_state_dict
+from tests.parity_runners import Fixture, build_model
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import ImageBert, MaskGITGenerator, UViTBert
 from titok_lightning.models.rar import RAR
@@ -24,8 +23,7 @@ from titok_lightning.registry import get_spec, list_models
 
 
 def _run_maskgit(cls: type[MaskGITGenerator], fixture: Fixture) -> dict[str, torch.Tensor]:
-    model = cls.from_reference_config(fixture.config)
-    load_reference_state_dict(model, fixture.state_dict).eval()
+    model = build_model(cls, fixture)
     input_ids, condition = fixture.inputs["input_ids"], fixture.inputs["condition"]
     return {
         "logits": model(input_ids, condition, cond_drop_prob=0.0),
@@ -56,8 +54,7 @@ def resolve_maskgit(config: dict) -> tuple[str, dict[str, Any]]:
 
 
 def run_rar(fixture: Fixture) -> dict[str, torch.Tensor]:
-    model = RAR.from_reference_config(fixture.config)
-    load_reference_state_dict(model, fixture.state_dict).eval()
+    model = build_model(RAR, fixture)
     input_ids, orders = fixture.inputs["input_ids"], fixture.inputs["orders"]
     condition = model.preprocess_condition(fixture.inputs["class_ids"], cond_drop_prob=0.0)
     out = {
@@ -94,8 +91,7 @@ def resolve_rar(config: dict) -> tuple[str, dict[str, Any]]:
 
 
 def run_maskgen_vq(fixture: Fixture) -> dict[str, torch.Tensor]:
-    model = MaskGenVQ.from_reference_config(fixture.config)
-    load_reference_state_dict(model, fixture.state_dict).eval()
+    model = build_model(MaskGenVQ, fixture)
     x = fixture.inputs
     # the reference's concat_micro_cond appends the score encoding whatever the micro_condition flag
     micro = model.encode_micro_condition(x["aesthetic_score"] * 100)
@@ -106,8 +102,7 @@ def run_maskgen_vq(fixture: Fixture) -> dict[str, torch.Tensor]:
 
 
 def run_maskgen_kl(fixture: Fixture) -> dict[str, torch.Tensor]:
-    model = MaskGenKL.from_reference_config(fixture.config)
-    load_reference_state_dict(model, fixture.state_dict).eval()
+    model = build_model(MaskGenKL, fixture)
     x = fixture.inputs
     context, pooled = model.embed_condition(x["condition"], x["condition_pooled"], x["aesthetic_score"])
     z = model.forward_decoder(x["x"], x["mask"], context, pooled)

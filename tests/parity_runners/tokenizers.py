@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from tests.parity_runners import Fixture
-from titok_lightning.convert import load_reference_state_dict
+from tests.parity_runners import Fixture, build_model
 from titok_lightning.hub import find_variant
 from titok_lightning.models.maskgit_vqgan import MaskGITVQGAN
 from titok_lightning.models.titok import TATiTok, TiTok
@@ -26,10 +25,7 @@ MODEL_CLASSES = {
 
 
 def _build(fixture: Fixture) -> Any:
-    model_cls = MODEL_CLASSES[fixture.meta["reference_class"]]
-    model = model_cls.from_reference_config(fixture.config, fixture.size_presets, fixture.patched_constants)
-    load_reference_state_dict(model, fixture.state_dict)
-    return model.eval()
+    return build_model(MODEL_CLASSES[fixture.meta["reference_class"]], fixture)
 
 
 def _noise_seed(fixture: Fixture) -> int:
