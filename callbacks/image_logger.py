@@ -11,6 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
+from titok_lightning.metrics import images_to_uint8
+
 
 class ImageLoggerCallback(Callback):
     """Saves one grid per validation run, at most every ``every_n_steps`` training steps.
@@ -80,5 +82,5 @@ class ImageLoggerCallback(Callback):
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image(self.tag, grid, global_step=step)
             elif isinstance(logger, WandbLogger):
-                image = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+                image = images_to_uint8(grid).permute(1, 2, 0).numpy()
                 logger.log_image(key=self.tag, images=[image], step=step)
