@@ -72,28 +72,14 @@ def guidance_weight(step: int, sampling: MaskGITSampling) -> float:
 
 
 class MaskGITGenerator(ClassConditionalGenerator):
-    """Embeddings of ``[class token, image tokens]``, training masking and sampling shared by ImageBert and
-    UViTBert.
+    """Label dropout, training masking and sampling shared by ImageBert and UViTBert.
 
-    Subclasses build ``lm_head`` and ``features(tokens) -> [B, 1 + N, hidden_size]``.
+    Subclasses build ``embeddings``, ``lm_head`` and ``features(tokens) -> [B, 1 + N, hidden_size]``.
     """
 
     model_type: str = ""
     sampling_cls = MaskGITSampling
     reference_sampling_fields = tuple(field.name for field in fields(MaskGITSampling))
-
-    def __init__(
-        self,
-        codebook_size: int,
-        image_seq_len: int,
-        num_classes: int,
-        class_label_dropout: float,
-        sampling: MaskGITSampling | dict | None,
-        hidden_size: int,
-    ):
-        super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling)
-        self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
-        self.pos_embed = nn.Parameter(torch.zeros(1, image_seq_len + 1, hidden_size))
 
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -189,7 +175,9 @@ class ImageBert(MaskGITGenerator):
         norm_eps: float = 1e-12,
         sampling: MaskGITSampling | dict | None = None,
     ):
-        super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling, hidden_size)
+        super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling)
+        self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, image_seq_len + 1, hidden_size))
         # BERT's two segment embeddings; only segment 0 is ever used, both are kept so that official
         # checkpoints load unchanged.
         self.token_type_embed = nn.Parameter(torch.zeros(2, hidden_size))
@@ -271,7 +259,7 @@ class UViTBert(MaskGITGenerator):
         norm_eps: float = 1e-5,
         sampling: MaskGITSampling | dict | None = None,
     ):
-        super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling, hidden_size)
+        super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling)
         block_kwargs = dict(
             dim=hidden_size,
             num_heads=num_heads,
@@ -281,6 +269,8 @@ class UViTBert(MaskGITGenerator):
             drop=dropout,
             attn_drop=attn_drop,
         )
+        self.embeddings = nn.Embedding(self.vocab_size, hidden_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, image_seq_len + 1, hidden_size))
         self.in_blocks = nn.ModuleList(Block(**block_kwargs) for _ in range(num_layers // 2))
         self.mid_block = Block(**block_kwargs)
         self.out_blocks = nn.ModuleList(Block(**block_kwargs, skip=True) for _ in range(num_layers // 2))
