@@ -168,6 +168,36 @@ def random_masking(
     return input_ids.masked_fill(mask, mask_token_id), mask
 
 
+def sample_and_remask(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    mask_token_id: int,
+    temperature: float,
+    num_masked: int | None,
+    generator: torch.Generator | None = None,
+    confidence_noise: bool = True,
+) -> torch.Tensor:
+    """One MaskGIT decoding step on ids [B, N] given logits [B, N, V] -> ids [B, N].
+
+    Every masked position gets a Gumbel-max sample (noise scaled by ``temperature``); decided positions
+    keep their ids. Then the ``num_masked`` least confident new tokens are masked again (confidence: the
+    sampled logit, plus ``temperature``-scaled Gumbel noise with ``confidence_noise``); ``num_masked=None``
+    (the last step) keeps every sample.
+    """
+    device = logits.device
+    sampled = (logits + temperature * gumbel_noise(logits.shape, device, generator)).argmax(dim=-1)
+    is_masked = ids == mask_token_id
+    sampled = torch.where(is_masked, sampled, ids)
+    if num_masked is None:
+        return sampled
+    # Already decided tokens are never re-masked (infinite confidence).
+    confidence = logits.gather(-1, sampled[..., None]).squeeze(-1).masked_fill(~is_masked, math.inf)
+    if confidence_noise:
+        confidence = confidence + temperature * gumbel_noise(confidence.shape, device, generator)
+    least_confident = confidence.topk(num_masked, dim=-1, largest=False).indices
+    return sampled.scatter(-1, least_confident, mask_token_id)
+
+
 def power_cosine_guidance(progress: float, guidance_scale: float, power: float) -> float:
     """Guidance scale rising from 1 at ``progress`` 0 to ``guidance_scale`` at 1 along
     ``(1 - cos(pi * progress**power)) / 2`` (MDT); ``power`` 0 gives a constant ``guidance_scale``."""

@@ -31,12 +31,12 @@ from titok_lightning.models.mmdit import AdaLayerNormContinuous, JointAttention,
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
-    gumbel_noise,
     masking_ratio,
     power_cosine_guidance,
     progress_bar,
     random_masking,
     resolve_generator,
+    sample_and_remask,
 )
 
 # ----------------------------------------------------------------------------------------------------
@@ -332,20 +332,15 @@ class MaskGenVQ(_TextConditionedGenerator):
             # without annealing the softmax temperature reaches 0 at the last step: keep it finite
             softmax_temperature = 0.5 + 0.8 * (1 - ratio) if softmax_temperature_annealing else gumbel_temperature
             logits = logits / max(softmax_temperature, 1e-6)
-            sampled = (logits + gumbel_temperature * gumbel_noise(logits.shape, device, generator)).argmax(dim=-1)
-            is_masked = ids == self.mask_token_id
-            sampled = torch.where(is_masked, sampled, ids)
             if step == num_steps - 1:
-                return sampled
-            confidence = logits.gather(-1, sampled[..., None]).squeeze(-1)
-            confidence = torch.where(is_masked, confidence, torch.inf)  # decided tokens stay decided
-            if prob_sorting:
-                confidence = confidence + gumbel_temperature * gumbel_noise(confidence.shape, device, generator)
-            # schedule evaluated in float32 like the reference, so the counts agree at integer boundaries
-            ratio_left = masking_ratio(torch.tensor(ratio, dtype=torch.float32), self.mask_schedule)
-            num_masked = max(1, min(num_masked - 1, int(torch.floor(n * ratio_left))))
-            remask = confidence.topk(num_masked, dim=-1, largest=False).indices
-            ids = sampled.scatter(1, remask, self.mask_token_id)
+                num_masked = None
+            else:
+                # schedule evaluated in float32 like the reference, so the counts agree at integer boundaries
+                ratio_left = masking_ratio(torch.tensor(ratio, dtype=torch.float32), self.mask_schedule)
+                num_masked = max(1, min(num_masked - 1, int(torch.floor(n * ratio_left))))
+            ids = sample_and_remask(
+                logits, ids, self.mask_token_id, gumbel_temperature, num_masked, generator, prob_sorting
+            )
         return ids
 
     @staticmethod

@@ -21,12 +21,12 @@ from titok_lightning.models.blocks import Attention, Block, Mlp, init_trunc_norm
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
     ClassConditionalGenerator,
-    gumbel_noise,
     masking_ratio,
     power_cosine_guidance,
     progress_bar,
     random_masking,
     resolve_generator,
+    sample_and_remask,
 )
 
 GUIDANCE_DECAYS = ("constant", "linear", "power-cosine")
@@ -351,19 +351,12 @@ def maskgit_generate(
             logits = model.forward_tokens(ids, cond_ids).float()
         if sampling.softmax_temperature_annealing:
             logits = logits / (0.5 + 0.8 * (1.0 - ratio))
-        sampled = (logits + temperature * gumbel_noise(logits.shape, device, generator)).argmax(dim=-1)
-        is_masked = ids == model.mask_token_id
-        sampled = torch.where(is_masked, sampled, ids)
         if step == steps - 1:
-            return sampled
-        sampled_logits = logits.gather(-1, sampled[..., None]).squeeze(-1)
-        # Already decoded tokens are never re-masked (infinite confidence).
-        confidence = sampled_logits.masked_fill(~is_masked, math.inf)
-        confidence = confidence + temperature * gumbel_noise(confidence.shape, device, generator)
-        # Every sample holds the same number of masks, so the count is tracked on the host.
-        num_masked = max(1, min(num_masked - 1, math.floor(seq_len * masking_ratio(ratio, "arccos"))))
-        least_confident = confidence.topk(num_masked, dim=-1, largest=False).indices
-        ids = sampled.scatter(-1, least_confident, model.mask_token_id)
+            num_masked = None
+        else:
+            # Every sample holds the same number of masks, so the count is tracked on the host.
+            num_masked = max(1, min(num_masked - 1, math.floor(seq_len * masking_ratio(ratio, "arccos"))))
+        ids = sample_and_remask(logits, ids, model.mask_token_id, temperature, num_masked, generator)
     return ids
 
 
