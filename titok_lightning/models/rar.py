@@ -206,7 +206,6 @@ class RAR(ClassConditionalGenerator):
         sampling: RARSampling | dict | None = None,
     ):
         super().__init__(codebook_size, image_seq_len, num_classes, class_label_dropout, sampling)
-        self.num_layers = num_layers
         self.randomness_anneal_start = randomness_anneal_start
         self.randomness_anneal_end = randomness_anneal_end
 
@@ -346,7 +345,7 @@ class RAR(ClassConditionalGenerator):
         return embed + torch.where(has_target, target, torch.zeros((), dtype=target.dtype, device=device))
 
     def make_kv_cache(self) -> KVCache:
-        return KVCache(self.num_layers, self.image_seq_len + PREFIX_LEN)
+        return KVCache(len(self.blocks), self.image_seq_len + PREFIX_LEN)
 
     def decode_step(
         self, token_ids: torch.Tensor, condition: torch.Tensor, position: torch.Tensor, kv_cache: KVCache
