@@ -12,8 +12,9 @@ install:
 test: install
 	$(PYTHON) -m pytest -q -x --durations=15 tests
 
+# the offline end-to-end demo: tokenizer -> pretokenized digits -> generator -> samples -> class check
 demo: install
-	$(PYTHON) train.py
+	$(PYTHON) -m titok_lightning.demo
 
 lint:
 	$(PYTHON) -m ruff check .
