@@ -3,6 +3,9 @@ exact resume, DDP agreement, non-finite policy, gradient accumulation, multirun 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -12,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from callbacks.ema import load_model_state_dict
-from tests.test_configs import CONF, EXPERIMENTS, compose_train
+from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train
+from titok_lightning.lit.base import NonFiniteLossError
 from titok_lightning.lit.tokenizer import build_model, load_tokenizer_from_checkpoint
 from train import train
 
@@ -220,3 +224,101 @@ def test_resume_restores_step_optimizers_schedules_ema_discriminator_and_lecam(t
         assert got["last_epoch"] == expected["last_epoch"] and got["_last_lr"] == expected["_last_lr"]
     final = torch.load(Path(cfg.paths.checkpoint_dir) / "last.ckpt", map_location="cpu", weights_only=True)
     assert final["global_step"] == 5
+
+
+# ------------------------------------------------------------------------------------------------------- DDP
+class WeightDump(L.Callback):
+    """Each rank writes its model weights at the end of training."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.model.state_dict(), Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_spawn_two_cpu_processes_agree(tmp_path, digits_cache):
+    dump = f"+callbacks.dump={{_target_:tests.test_train.WeightDump,folder:{tmp_path}}}"
+    overrides = [*tiny_overrides("demo"), "trainer=ddp_sim", "trainer.max_steps=3", "trainer.limit_val_batches=0"]
+    cfg, _ = run([*overrides, dump], tmp_path, digits_cache)
+    assert torch.load(Path(cfg.paths.checkpoint_dir) / "last.ckpt", weights_only=True)["global_step"] == 3
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for key, value in rank0.items():
+        torch.testing.assert_close(rank1[key], value, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------- non-finite, accumulation
+def _demo_module_and_trainer(tmp_path, digits_cache, *overrides):
+    cfg = compose_train([*tiny_overrides("demo"), f"data.cache_dir={digits_cache}", *overrides], tmp_path)
+    module = hydra.utils.instantiate(cfg.model)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    return module, trainer, hydra.utils.instantiate(cfg.data)
+
+
+def _poison(module) -> None:
+    """Make every generator loss NaN (as an overflowing run would)."""
+    forward = module.loss.forward
+
+    def nan_loss(*args, **kwargs):
+        loss, logs = forward(*args, **kwargs)
+        return loss * float("nan"), logs
+
+    module.loss.forward = nan_loss
+
+
+def test_nonfinite_loss_raises_before_weights_change(tmp_path, digits_cache):
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache)
+    _poison(module)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm"):
+        trainer.fit(module, datamodule=data)
+    for key, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_nonfinite_skip_policy_counts_and_keeps_weights(tmp_path, digits_cache):
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.nonfinite=skip")
+    _poison(module)
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer.fit(module, datamodule=data)
+    assert int(module.skipped_steps) == 2 and trainer.global_step == 2
+    for key, value in module.model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path, digits_cache):
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.accumulate_grad_batches=3")
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
+    model_schedule = trainer.lr_scheduler_configs[0].scheduler
+    assert model_schedule.last_epoch == 2  # the schedule advances once per optimizer step
+
+
+# ----------------------------------------------------------------------------------------------------- sweep
+def test_multirun_sweep_runs_every_job(tmp_path, digits_cache):
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *tiny_overrides("demo"),
+        "trainer.fast_dev_run=true",
+        f"data.cache_dir={digits_cache}",
+        "model.optimizer.lr=0.001,0.002",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    learning_rates = sorted(
+        OmegaConf.load(sweep / str(job) / "checkpoints" / "config.yaml").model.optimizer.lr for job in (0, 1)
+    )
+    assert learning_rates == [0.001, 0.002]
