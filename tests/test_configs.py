@@ -154,6 +154,7 @@ def test_experiment_reproduces_reference_numbers(experiment):
     assert data.num_workers == params["num_workers_per_gpu"]
     assert data.samples_per_epoch == exp_ref["max_train_examples"]
     assert data.label_key == ("txt" if params.get("dataset_with_text_label") else "cls")
+    assert data.get("val_label_key", "cls") == "cls"  # the reference validates on ImageNet val (class ids)
     if pre.get("res_ratio_filtering"):
         assert (data.min_original_resolution, data.max_aspect_ratio) == (256, 2.0)
     assert OmegaConf.is_missing(data, "train_shards") and OmegaConf.is_missing(data, "val_shards")

@@ -9,7 +9,7 @@
 frozen helpers (teacher, perceptual net, text encoder) are rebuilt from their own weights, not saved.
 Every ``validation_step`` returns ``{"inputs", "reconstructions"}`` (both [B, 3, H, W] in [0, 1], the
 reconstruction rounded to uint8 levels as the reference evaluator) plus ``"codes"`` [B, N] and
-``"codebook_size"`` for VQ tokenizers, and logs ``val/mse``.
+``"codebook_size"`` for VQ tokenizers, and logs ``val/mse`` (``test/mse`` in the test loop).
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class TokenizerModule(TrainingModule):
         # The reference evaluator scores reconstructions clamped and rounded to 8-bit levels.
         reconstructions = torch.round(reconstructions.float().clamp(0.0, 1.0) * 255.0) / 255.0
         self.log(
-            "val/mse",
+            "test/mse" if self.trainer.testing else "val/mse",
             F.mse_loss(reconstructions, images.float()),
             on_epoch=True,
             sync_dist=True,
