@@ -1,0 +1,73 @@
+"""AdamW parameter groups (the reference's weight-decay exclusions) and per-role schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from titok_lightning.lit.optim import adamw_param_groups, build_adamw, build_scheduler, uses_weight_decay
+from titok_lightning.registry import create_model
+from titok_lightning.schedules import lr_lambda
+
+
+def test_weight_decay_groups_follow_the_reference_rule():
+    model = create_model(
+        "titok_bl64_vq8k",
+        image_size=32,
+        encoder_patch_size=8,
+        decoder_patch_size=8,
+        encoder_width=32,
+        encoder_depth=1,
+        encoder_heads=2,
+        decoder_width=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        num_latent_tokens=4,
+        token_size=4,
+        codebook_size=16,
+    )
+    no_decay, decay = adamw_param_groups(model.named_parameters(), weight_decay=0.1)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    for name in ("latent_tokens", "decoder.mask_token", "encoder.positional_embedding", "quantize.embedding.weight"):
+        assert name in no_decay_names, name
+    assert "encoder.transformer.0.norm1.weight" in no_decay_names and "encoder.ln_pre.bias" in no_decay_names
+    # substring rule, as the reference: the patch-embedding conv ("embed") is not decayed either
+    assert "encoder.patch_embed.weight" in no_decay_names and "decoder.decoder_embed.weight" in no_decay_names
+    assert (
+        "encoder.transformer.0.attn.qkv.weight" in decay_names and "decoder.transformer.0.mlp.fc1.weight" in decay_names
+    )
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert len(no_decay_names) + len(decay_names) == sum(1 for _ in model.parameters())
+
+
+def test_frozen_parameters_are_left_out():
+    layer = nn.Linear(3, 3)
+    layer.bias.requires_grad_(False)
+    optimizer = build_adamw(layer, lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-4)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert len(params) == 1 and params[0] is layer.weight
+    assert optimizer.defaults["betas"] == (0.9, 0.99)
+    assert not uses_weight_decay("discriminator.blocks.0.norm.weight", torch.zeros(4, 4))
+
+
+def test_discriminator_schedule_starts_at_its_own_step_with_the_model_shape():
+    # the reference: discriminator lr follows the generator's base/end lr shape, over max_steps - start steps
+    model_lr, disc_lr, end_lr, warmup, total = 1e-4, 2e-4, 1e-5, 5, 50
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2, 2))], lr=disc_lr)
+    schedule = build_scheduler(
+        optimizer, total_steps=total, name="cosine", warmup_steps=warmup, end_lr=end_lr, base_lr=model_lr
+    )
+    rates = []
+    for _ in range(total + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    for step, rate in enumerate(rates):
+        expected = disc_lr * lr_lambda(step, "cosine", warmup, total, model_lr, end_lr)
+        assert math.isclose(rate, expected, rel_tol=1e-12)
+    assert rates[0] == 0.0 and math.isclose(rates[warmup], disc_lr) and math.isclose(rates[-1], disc_lr * 0.1)
