@@ -629,3 +629,12 @@ def test_reconstruction_mode_reports_rfid_and_codebook_usage(tiny_data, tmp_path
     results = sample.run(compose_sample(overrides, tmp_path), feature_extractor=tiny_extractor)
     assert {"rfid", "inception_score", "codebook_usage", "codebook_entropy"} <= set(results)
     assert 0 < results["codebook_usage"] <= 1 and results["rfid"] > 0
+
+
+def test_demo_check_tells_digits_from_noise():
+    from titok_lightning.demo import class_accuracy, fit_digit_classifier
+
+    classifier, arrays = fit_digit_classifier()
+    real, _ = class_accuracy(classifier, arrays.val_images, arrays.val_labels)
+    noise, _ = class_accuracy(classifier, random_images(500, seed=5), np.arange(500) % 10)
+    assert real > 0.9 and noise < 0.3  # the 70% bar sits between the two

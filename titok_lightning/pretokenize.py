@@ -256,7 +256,7 @@ def pretokenize(fabric, args: argparse.Namespace) -> None:
             progress=fabric.is_global_zero,
             overwrite=args.overwrite,
         )
-    counts = fabric.all_gather(torch.tensor([written[0]], device=fabric.device))
+    total_written = fabric.all_reduce(torch.tensor(written[0], device=fabric.device), reduce_op="sum")
     all_shards = _gather_strings(fabric, shards)
     if fabric.is_global_zero:
         info = {
@@ -268,7 +268,7 @@ def pretokenize(fabric, args: argparse.Namespace) -> None:
             "image_size": image_size,
             "views": views.suffixes,
             "labels": args.labels,
-            "num_samples": int(counts.sum()),
+            "num_samples": int(total_written),
             "shards": sorted(os.path.relpath(p, args.out) for p in all_shards),
         }
         with open(os.path.join(args.out, f"{args.split}.json"), "w", encoding="utf-8") as file:
