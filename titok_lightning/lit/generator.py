@@ -16,8 +16,9 @@ the fly by the frozen tokenizer: eval mode, no grad, fp32, not optimized, not av
 
 ``self.model`` is the generator (what EMA averages and what checkpoints' ``model.*`` hold). Every
 ``sample_grid.every_n_steps`` optimizer steps (and at the end of training) rank 0 generates a grid for the
-configured class ids / prompts with the EMA weights and writes it to ``<run>/images/generated_step_*.png`` and to
-image-capable loggers. :func:`generate_images` is the same generation path, used by ``sample.py``.
+configured class ids / prompts with the EMA weights (in the trainer's precision) and writes it to
+``<log dir>/images/generated_step_*.png`` and to image-capable loggers. :func:`generate_images` is the same
+generation path, used by ``sample.py``.
 """
 
 from __future__ import annotations
@@ -319,7 +320,7 @@ class GeneratorModule(TrainingModule):
             self._log_sample_grid()
 
     def _log_sample_grid(self) -> None:
-        with self._ema_weights():
+        with self._ema_weights(), self.trainer.precision_plugin.forward_context():
             grid = self.sample_grid_image()
         log_image_grid(self.trainer, grid, f"generated_step_{self.global_step:07d}", "train/generated")
 
@@ -507,19 +508,6 @@ class MaskGenKLModule(TextConditionalModule):
         return loss, {"loss": logs["diff_loss"]}
 
 
-def module_class_for(generator: nn.Module) -> type[GeneratorModule]:
-    """The training module class of a generator model (sample.py reads checkpoints through it)."""
-    for model_cls, module_cls in (
-        (MaskGITGenerator, MaskGITModule),
-        (RAR, RARModule),
-        (MaskGenVQ, MaskGenVQModule),
-        (MaskGenKL, MaskGenKLModule),
-    ):
-        if isinstance(generator, model_cls):
-            return module_cls
-    raise TypeError(f"unsupported generator {type(generator).__name__}")
-
-
 __all__ = [
     "GeneratorModule",
     "MaskGITModule",
@@ -530,5 +518,4 @@ __all__ = [
     "encode_captions",
     "generate_images",
     "load_generator_weights",
-    "module_class_for",
 ]
