@@ -483,12 +483,10 @@ def run(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> d
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
-    torch.set_grad_enabled(False)
-    if cfg.mode == "reconstruct":
-        return reconstruct(cfg, feature_extractor)
-    if cfg.mode != "generate":
+    if cfg.mode not in ("generate", "reconstruct"):
         raise ValueError(f"mode must be generate or reconstruct, got {cfg.mode!r}")
-    return generate(cfg, feature_extractor)
+    with torch.no_grad():
+        return (reconstruct if cfg.mode == "reconstruct" else generate)(cfg, feature_extractor)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

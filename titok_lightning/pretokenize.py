@@ -226,7 +226,6 @@ def pretokenize(fabric, args: argparse.Namespace) -> None:
     from datamodules.tokens import write_token_shards
     from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
 
-    torch.set_grad_enabled(False)
     tokenizer = load_frozen_tokenizer(args.tokenizer, use_ema=not args.raw_weights).to(fabric.device)
     image_size = args.image_size or tokenizer.image_size
     views = Views(image_size, ten_crop=args.ten_crop, flip=args.flip)
