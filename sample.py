@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
-from titok_lightning.lit.generator import build_text_encoder, generate_images
+from titok_lightning.lit.generator import generate_images
 from titok_lightning.lit.tokenizer import build_model, plain
 from titok_lightning.metrics import (
     FeatureExtractor,
@@ -53,6 +53,7 @@ from titok_lightning.metrics import (
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
 from titok_lightning.models.rar import RAR
+from titok_lightning.text_encoder import CLIPTextEncoder
 
 log = logging.getLogger("sample")
 
@@ -103,7 +104,7 @@ def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer,
     tokenizer = load_frozen_tokenizer(plain(tokenizer_source))
     text_encoder = None
     if isinstance(generator, (MaskGenVQ, MaskGenKL)):
-        text_encoder = build_text_encoder(**text_encoder_spec)
+        text_encoder = CLIPTextEncoder(**text_encoder_spec)
     return generator.eval().requires_grad_(False), tokenizer, text_encoder, name
 
 
@@ -389,7 +390,7 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
     if cfg.tokenizer is None:
         raise ValueError("mode=reconstruct needs tokenizer=<name, file or .ckpt>")
     tokenizer = load_frozen_tokenizer(plain(cfg.tokenizer), use_ema=cfg.use_ema)
-    text_encoder = build_text_encoder(**plain(cfg.text_encoder)) if tokenizer.needs_text else None
+    text_encoder = CLIPTextEncoder(**plain(cfg.text_encoder)) if tokenizer.needs_text else None
     datamodule = ImageDataModule(
         val_shards=cfg.data.val_shards,
         image_size=cfg.data.image_size or tokenizer.image_size,

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from titok_lightning.convert import CheckpointMismatchError
-from titok_lightning.maskgen_text import MaskGenTextEncoder
 from titok_lightning.models.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
 from titok_lightning.models.maskgen import (
     DiffLoss,
@@ -385,40 +384,6 @@ def test_drop_condition_swaps_in_the_null_features():
     is_null = (dropped == null_condition).flatten(1).all(1)
     assert torch.equal(is_null, (dropped_pooled == null_pooled).flatten(1).all(1))
     assert torch.equal(dropped[~is_null], condition[~is_null]) and 10 < int(is_null.sum()) < 54
-
-
-# ----------------------------------------------------------------------------------------------------
-# Caption encoding
-
-
-def test_text_encoder_features_match_open_clip():
-    from open_clip.transformer import TextTransformer
-
-    torch.manual_seed(0)
-    tower = TextTransformer(context_length=77, vocab_size=49408, width=32, heads=2, layers=3, output_dim=24).eval()
-    encoder = MaskGenTextEncoder(tower)
-    encoder.train()
-    assert not encoder.training and not any(p.requires_grad for p in encoder.parameters())
-    ids = encoder.tokenize(["a photo of a cat", ""])
-    features = encoder.encode_tokens(ids)
-    assert features.condition.shape == features.guidance.shape == (2, 77, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(features.condition_pooled, tower(ids)[:, None])
-        x = tower.token_embedding(ids) + tower.positional_embedding
-        final, (penultimate,) = tower.transformer.forward_intermediates(x, attn_mask=tower.attn_mask, indices=[1])
-    torch.testing.assert_close(features.condition, penultimate)
-    torch.testing.assert_close(features.guidance, tower.ln_final(final))
-
-
-def test_text_encoder_without_weights_names_what_to_download(monkeypatch):
-    import open_clip
-
-    def offline(*args, **kwargs):
-        raise OSError("no network")
-
-    monkeypatch.setattr(open_clip, "create_model", offline)
-    with pytest.raises(RuntimeError, match="ViT-L-14-336.*openai"):
-        MaskGenTextEncoder()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

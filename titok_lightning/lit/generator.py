@@ -39,10 +39,10 @@ from titok_lightning.frozen_tokenizer import FrozenTokenizer, TokenizerSource, l
 from titok_lightning.lit.base import TrainingModule
 from titok_lightning.lit.tokenizer import build_model, plain
 from titok_lightning.losses import ARLoss, MLMLoss
-from titok_lightning.maskgen_text import MaskGenTextEncoder, MaskGenTextFeatures
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
 from titok_lightning.models.rar import RAR
+from titok_lightning.text_encoder import CLIPTextEncoder, TextFeatures
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +52,8 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------
 
 
-def build_text_encoder(
-    model_name: str = "ViT-L-14-336", pretrained: str | None = "openai", text_cfg: Mapping[str, Any] | None = None
-) -> MaskGenTextEncoder:
-    """The frozen CLIP of MaskGen: open_clip ``model_name`` with ``pretrained`` weights, or (tests) a tiny random
-    text tower built from the ``open_clip`` ``CLIPTextCfg`` dict ``text_cfg`` (``embed_dim`` = pooled size)."""
-    if text_cfg is None:
-        return MaskGenTextEncoder(model_name=model_name, pretrained=pretrained)
-    from open_clip.model import CLIPTextCfg, _build_text_tower
-
-    cfg = dict(text_cfg)
-    embed_dim = int(cfg.pop("embed_dim", cfg.get("width", 512)))
-    return MaskGenTextEncoder(_build_text_tower(embed_dim=embed_dim, text_cfg=CLIPTextCfg(**cfg)), model_name)
-
-
 @torch.no_grad()
-def encode_captions(text_encoder: MaskGenTextEncoder, captions: Sequence[str]) -> MaskGenTextFeatures:
+def encode_captions(text_encoder: CLIPTextEncoder, captions: Sequence[str]) -> TextFeatures:
     """CLIP features of ``captions`` followed by those of the empty caption (the dropped / unconditional text),
     in fp32 outside autocast."""
     device = text_encoder.positional_embedding.device
@@ -86,7 +72,7 @@ def generate_images(
     tokenizer: FrozenTokenizer,
     condition: torch.Tensor | Sequence[str],
     *,
-    text_encoder: MaskGenTextEncoder | None = None,
+    text_encoder: CLIPTextEncoder | None = None,
     aesthetic_score: float | torch.Tensor | None = None,
     sampling: Mapping[str, Any] | None = None,
     seed: int | torch.Generator | None = None,
@@ -411,17 +397,17 @@ class TextConditionalModule(GeneratorModule):
     """MaskGen: captions from ``batch["text"]`` through a frozen CLIP, grids over ``sample_grid.prompts``.
 
     Args:
-        text_encoder: :func:`build_text_encoder` arguments.
+        text_encoder: :class:`~titok_lightning.text_encoder.CLIPTextEncoder` arguments.
     """
 
     def __init__(self, generator: Mapping[str, Any], text_encoder: Mapping[str, Any], **kwargs: Any):
         super().__init__(generator, **kwargs)
         if not isinstance(self.model, (MaskGenVQ, MaskGenKL)):
             raise TypeError(f"{type(self).__name__} trains MaskGen generators, got {type(self.model).__name__}")
-        self.text_encoder = build_text_encoder(**plain(text_encoder))
+        self.text_encoder = CLIPTextEncoder(**plain(text_encoder))
         self.freeze("text_encoder")
         expected = self.model.transformer.context_embed.in_features
-        width = self.text_encoder.positional_embedding.shape[1]
+        width = self.text_encoder.width
         if width != expected:
             raise ValueError(f"the text encoder gives {width}-d tokens, the generator expects {expected}")
 
@@ -514,7 +500,6 @@ __all__ = [
     "MaskGenKLModule",
     "MaskGenVQModule",
     "RARModule",
-    "build_text_encoder",
     "encode_captions",
     "generate_images",
     "load_generator_weights",

@@ -27,6 +27,7 @@ from titok_lightning.lit.base import OptimizerRole, TrainingModule
 from titok_lightning.losses import ReconstructionLoss, Stage1Loss
 from titok_lightning.models.discriminator import NLayerDiscriminator
 from titok_lightning.registry import create_model
+from titok_lightning.text_encoder import CLIPTextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +340,6 @@ class TATiTokModule(PixelTokenizerModule):
         **kwargs,
     ):
         super().__init__(tokenizer, loss, **kwargs)
-        from titok_lightning.text_encoder import CLIPTextEncoder
-
         self.text_encoder = CLIPTextEncoder(**plain(text_encoder))
         self.freeze("text_encoder")
         decoder = self.model.decoder
@@ -364,7 +363,7 @@ class TATiTokModule(PixelTokenizerModule):
 
     def decoder_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
         with self.frozen_precision():
-            return (self.text_encoder(self.captions(batch)),)
+            return (self.text_encoder(self.captions(batch)).guidance,)
 
 
 def _class_names(class_names: str | Sequence[str] | None) -> list[str] | None:
