@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from titok_lightning.lit.optim import adamw_param_groups, build_adamw, build_scheduler, uses_weight_decay
+from titok_lightning.lit.optim import (
+    adamw_param_groups,
+    build_adamw,
+    build_scheduler,
+    fused_adamw_applies,
+    uses_weight_decay,
+)
 from titok_lightning.registry import create_model
 from titok_lightning.schedules import lr_lambda
 
@@ -71,3 +78,19 @@ def test_discriminator_schedule_starts_at_its_own_step_with_the_model_shape():
         expected = disc_lr * lr_lambda(step, "cosine", warmup, total, model_lr, end_lr)
         assert math.isclose(rate, expected, rel_tol=1e-12)
     assert rates[0] == 0.0 and math.isclose(rates[warmup], disc_lr) and math.isclose(rates[-1], disc_lr * 0.1)
+
+
+def test_fused_adamw_only_for_cuda_parameters_without_a_grad_scaler():
+    cuda_param = SimpleNamespace(is_cuda=True)  # the decision reads only the device
+    cpu_param = torch.zeros(2, requires_grad=True)
+    for precision in ("bf16-mixed", "32-true", "bf16-true", "16-true"):
+        assert fused_adamw_applies([cuda_param, cuda_param], precision), precision
+        assert not fused_adamw_applies([cuda_param, cpu_param], precision), precision
+    assert not fused_adamw_applies([cuda_param], "16-mixed")  # GradScaler: clipping must follow unscaling
+    assert not fused_adamw_applies([cuda_param], None)
+    assert not fused_adamw_applies([], "bf16-mixed")
+
+
+def test_build_adamw_keeps_cpu_parameters_unfused():
+    optimizer = build_adamw(nn.Linear(4, 4), lr=1e-3, precision="bf16-mixed")
+    assert optimizer.defaults["fused"] is False

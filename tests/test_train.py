@@ -317,6 +317,27 @@ def test_gradient_accumulation_counts_optimizer_steps(tmp_path, digits_cache):
     assert model_schedule.last_epoch == 2  # the schedule advances once per optimizer step
 
 
+def test_compile_option_keeps_state_dict_keys_and_trains(tmp_path, digits_cache):
+    # the eager backend runs TorchDynamo without generating C++ code: fast on CPU, same code path otherwise
+    compiled = ["model.compile_modules=[encoder,decoder]", "model.compile_backend=eager"]
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, *compiled)
+    keys = list(module.state_dict())
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+    assert list(module.state_dict()) == keys
+    for name in ("encoder", "decoder"):
+        assert getattr(module.model, name)._compiled_call_impl is not None, name
+    assert module.model.quantize._compiled_call_impl is None  # only the named submodules
+    assert any(not torch.equal(v, before[k]) for k, v in module.model.state_dict().items())
+
+
+def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encodr]")
+    with pytest.raises(ValueError, match=r"'encodr' is not a submodule.*encoder.*decoder"):
+        trainer.fit(module, datamodule=data)
+
+
 # ----------------------------------------------------------------------------------------------------- sweep
 def test_multirun_sweep_runs_every_job(tmp_path, digits_cache):
     sweep = tmp_path / "sweep"

@@ -167,7 +167,8 @@ class GeneratorModule(TrainingModule):
         sampling: sampler settings of the grids (override the generator's defaults).
         sample_grid: ``{every_n_steps, class_ids | prompts, images_per_condition, seed}``; ``every_n_steps``
             null or 0 disables the grids.
-        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite: see :class:`TrainingModule`.
+        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite, compile_modules, compile_backend,
+            compile_mode: see :class:`TrainingModule`.
     """
 
     # generator constructor argument -> FrozenTokenizer attribute it must equal
@@ -185,8 +186,20 @@ class GeneratorModule(TrainingModule):
         max_grad_norm: float | None = 1.0,
         accumulate_grad_batches: int = 1,
         nonfinite: str = "raise",
+        compile_modules: Sequence[str] = (),
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ):
-        super().__init__(plain(optimizer), plain(scheduler), max_grad_norm, accumulate_grad_batches, nonfinite)
+        super().__init__(
+            plain(optimizer),
+            plain(scheduler),
+            max_grad_norm,
+            accumulate_grad_batches,
+            nonfinite,
+            plain(compile_modules),
+            compile_backend,
+            compile_mode,
+        )
         tokenizer = _absolute_paths(plain(tokenizer))
         self.save_hyperparameters(logger=False)
         self.tokenizer = load_frozen_tokenizer(tokenizer) if tokenizer is not None else None

@@ -42,22 +42,41 @@ def adamw_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], wei
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+# Trainer precisions whose GradScaler unscales gradients between backward and step (clipping happens in between).
+GRAD_SCALER_PRECISIONS = ("16-mixed", "16")
+
+
+def fused_adamw_applies(params: Iterable[torch.Tensor], precision: str | int | None) -> bool:
+    """Whether the fused (single-kernel) AdamW can be used: every parameter on CUDA and no GradScaler.
+
+    The fused kernel unscales gradients inside ``step`` when a GradScaler drives it, which would come after our
+    clipping in ``on_before_optimizer_step``; without a scaler (bf16-mixed, 32-true, bf16-true) it is exact.
+    ``precision`` is the trainer's (``trainer.precision``); ``None`` (unknown) keeps the multi-tensor path.
+    """
+    if precision is None or str(precision) in GRAD_SCALER_PRECISIONS:
+        return False
+    params = list(params)
+    return bool(params) and all(p.is_cuda for p in params)
+
+
 def build_adamw(
     module: nn.Module,
     lr: float,
     betas: Sequence[float] = (0.9, 0.999),
     weight_decay: float = 0.0,
     eps: float = 1e-8,
+    precision: str | int | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over ``module``'s trainable parameters with :func:`adamw_param_groups`.
 
-    The multi-tensor (foreach) implementation is kept: the fused one unscales gradients inside
-    ``step`` and so cannot be combined with gradient clipping under a GradScaler (16-mixed).
+    Fused when :func:`fused_adamw_applies` for the trainer's ``precision``; otherwise the default
+    (multi-tensor on CUDA, per-parameter on CPU).
     """
     if len(betas) != 2:
         raise ValueError(f"betas must have two values, got {list(betas)}")
     groups = adamw_param_groups(module.named_parameters(), weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=False)
+    fused = fused_adamw_applies((p for group in groups for p in group["params"]), precision)
+    return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=fused)
 
 
 def build_scheduler(

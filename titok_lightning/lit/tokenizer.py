@@ -126,7 +126,8 @@ class TokenizerModule(TrainingModule):
 
     Args:
         tokenizer: registry spec of the model to train, ``{"name": "titok_b64", **overrides}``.
-        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite: see :class:`TrainingModule`.
+        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite, compile_modules, compile_backend,
+            compile_mode: see :class:`TrainingModule`.
     """
 
     def __init__(
@@ -137,8 +138,20 @@ class TokenizerModule(TrainingModule):
         max_grad_norm: float | None = 1.0,
         accumulate_grad_batches: int = 1,
         nonfinite: str = "raise",
+        compile_modules: Sequence[str] = (),
+        compile_backend: str = "inductor",
+        compile_mode: str | None = None,
     ):
-        super().__init__(plain(optimizer), plain(scheduler), max_grad_norm, accumulate_grad_batches, nonfinite)
+        super().__init__(
+            plain(optimizer),
+            plain(scheduler),
+            max_grad_norm,
+            accumulate_grad_batches,
+            nonfinite,
+            plain(compile_modules),
+            compile_backend,
+            compile_mode,
+        )
         self.save_hyperparameters(logger=False)
         self.model = build_model(plain(tokenizer))
 
