@@ -35,9 +35,9 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection.
 
-    ``qk_norm`` adds a LayerNorm over each head's queries and keys (RAR). ``forward`` accepts an
-    optional boolean/float ``attn_mask`` or ``is_causal``; prefer ``is_causal`` so SDPA can use its
-    fused causal kernels.
+    ``qk_norm`` adds a LayerNorm over each head's queries and keys (RAR). ``attend`` takes an optional
+    boolean/float ``attn_mask`` or ``is_causal``; prefer ``is_causal`` so SDPA can use its fused causal
+    kernels.
     """
 
     def __init__(
@@ -82,9 +82,9 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, is_causal=is_causal)
         return self.proj_drop(self.proj(merge_heads(out)))
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        q, k, v = self.project_qkv(x)
-        return self.attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Full (bidirectional) self-attention; masked or cached callers use project_qkv + attend."""
+        return self.attend(*self.project_qkv(x))
 
 
 class Mlp(nn.Module):
@@ -136,16 +136,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        skip: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
-        is_causal: bool = False,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
 
