@@ -274,11 +274,15 @@ class TrainingModule(L.LightningModule):
             )
 
     def log_throughput(self, batch_size: int) -> None:
-        """Samples per second on this device, measured between consecutive training batches."""
+        """Samples per second on this device, measured between consecutive training batches, and on CUDA the
+        peak memory allocated so far (the allocator's own counter: no device synchronisation)."""
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("train/samples_per_sec", batch_size / (now - self._last_step_time), on_step=True, on_epoch=False)
         self._last_step_time = now
+        if self.device.type == "cuda":
+            peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.log("train/peak_memory_gib", peak_gib, on_step=True, on_epoch=False)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None  # do not count validation or data-loader start-up as training time
