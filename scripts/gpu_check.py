@@ -51,8 +51,17 @@ def make_shards(workdir: Path, num_train: int, num_val: int) -> tuple[Path, Path
         for split, count, seed, out in (("train", num_train, 0, train_dir), ("val", num_val, 1, val_dir)):
             write_image_folder(workdir / "images" / split, count, num_classes=8, size=288, seed=seed)
             out.mkdir(parents=True)
-            command = [sys.executable, "-m", "datamodules.convert", "folder", str(workdir / "images" / split),
-                       str(out / f"{split}-%06d.tar"), "--maxcount", "256", "--no-progress"]
+            command = [
+                sys.executable,
+                "-m",
+                "datamodules.convert",
+                "folder",
+                str(workdir / "images" / split),
+                str(out / f"{split}-%06d.tar"),
+                "--maxcount",
+                "256",
+                "--no-progress",
+            ]
             if split == "val":
                 command += ["--classes-from", str(train_dir / "classes.json")]
             subprocess.run(command, check=True, cwd=ROOT)
@@ -86,7 +95,7 @@ def summarize(run_dir: Path) -> dict[str, float]:
         return [float(row[key]) for row in rows if row.get(key) not in (None, "")]
 
     speeds = series("train/samples_per_sec")
-    steady = speeds[len(speeds) // 5:] or speeds  # drop warm-up (allocator, cudnn autotune, compilation)
+    steady = speeds[len(speeds) // 5 :] or speeds  # drop warm-up (allocator, cudnn autotune, compilation)
     memory = series("train/peak_memory_gib")
     losses = series("train/total_loss") or series("train/loss")
     return {
@@ -115,8 +124,13 @@ def main() -> None:
     for name in args.runs:
         run_dir = args.workdir / "runs" / name
         shutil.rmtree(run_dir, ignore_errors=True)  # a folder with checkpoints would resume instead of starting
-        command = [sys.executable, "train.py", *run_overrides(args, train_dir, val_dir, run_dir), *RUNS[name],
-                   *args.overrides]
+        command = [
+            sys.executable,
+            "train.py",
+            *run_overrides(args, train_dir, val_dir, run_dir),
+            *RUNS[name],
+            *args.overrides,
+        ]
         print(f"\n=== {name}: {' '.join(command[2:])}", flush=True)
         start = time.perf_counter()
         try:
@@ -135,8 +149,10 @@ def main() -> None:
     print(f"{'run':<14}{'rc':>8}{'img/s':>10}{'peak GiB':>10}{'loss first->last':>22}{'wall s':>9}")
     for name, result in results.items():
         losses = f"{result.get('first_loss', math.nan):.4f} -> {result.get('last_loss', math.nan):.4f}"
-        print(f"{name:<14}{result['returncode']!s:>8}{result.get('img_per_s', math.nan):>10.1f}"
-              f"{result.get('peak_gib', math.nan):>10.2f}{losses:>22}{result['wall_s']:>9.0f}")
+        print(
+            f"{name:<14}{result['returncode']!s:>8}{result.get('img_per_s', math.nan):>10.1f}"
+            f"{result.get('peak_gib', math.nan):>10.2f}{losses:>22}{result['wall_s']:>9.0f}"
+        )
     if any(result["returncode"] != 0 for result in results.values()):
         sys.exit(1)
 
