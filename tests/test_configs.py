@@ -180,7 +180,10 @@ def test_trainer_configs_compose_and_strategies_instantiate(trainer, tmp_path):
     cfg = compose_train([f"trainer={trainer}"], tmp_path)
     strategy = cfg.trainer.get("strategy")
     if strategy is not None and not isinstance(strategy, str):
-        hydra.utils.instantiate(strategy)
+        strategy = hydra.utils.instantiate(strategy)
+    if trainer == "fsdp":  # fp32 parameters under autocast: frozen fp32 helpers (teacher) keep working
+        assert strategy.mixed_precision.param_dtype is torch.float32
+        assert strategy.mixed_precision.reduce_dtype is torch.float32
 
 
 @pytest.mark.parametrize("debug", ["fdr", "overfit", "limit"])
