@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from titok_lightning.lit.sharding import full_tensor, local_tensor, shard_of
+
 
 class EMACallback(Callback):
     """Keeps an EMA of ``pl_module.model``'s floating-point parameters and evaluates with it.
@@ -31,7 +33,8 @@ class EMACallback(Callback):
     ``decay_k = min(decay, (1 + s) / (10 + s))`` if s > 0 else 0 (the EMA is a copy of the weights); updates happen
     when (k - 1) % update_every_n_steps == 0. Parameters with ``requires_grad=False`` are copied, buffers are not
     averaged (the model's own buffers are used). The EMA lives on the parameters' device (float32 for low-precision
-    parameters) and is updated with foreach kernels, without host synchronisation.
+    parameters) and is updated with foreach kernels, without host synchronisation. Under FSDP each rank averages its
+    own shard of the sharded parameters; checkpoints hold the gathered full tensors.
 
     Args:
         decay: the decay cap.
@@ -109,6 +112,9 @@ class EMACallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the strategy moved the model to its device (and after a checkpoint was restored).
         self._params = self._tracked_parameters(pl_module)
+        self._init_ema()
+
+    def _init_ema(self) -> None:
         if self._ema_from_checkpoint is not None:
             self._ema = [
                 ema.to(device=p.device, dtype=self._ema_dtype(p), copy=True)
@@ -116,7 +122,11 @@ class EMACallback(Callback):
             ]
             self._ema_from_checkpoint = None
         elif self._ema is None or len(self._ema) != len(self._params):
-            self._ema = [p.detach().to(self._ema_dtype(p), copy=True) for p in self._params]
+            self._ema = [local_tensor(p.detach()).to(self._ema_dtype(p), copy=True) for p in self._params]
+
+    def _local_params(self) -> list[torch.Tensor]:
+        """The tracked parameters as plain tensors: this rank's shard of those sharded by FSDP."""
+        return [local_tensor(p.detach()) for p in self._params]
 
     # -- update --------------------------------------------------------------------------------------------------------
 
@@ -132,13 +142,13 @@ class EMACallback(Callback):
             return
         weight = 1.0 - self.decay_at(self.num_updates)
         trainable_ema, trainable, frozen_ema, frozen = [], [], [], []
-        for ema, param in zip(self._ema, self._params):
+        for ema, param, local in zip(self._ema, self._params, self._local_params()):
             if param.requires_grad:
                 trainable_ema.append(ema)
-                trainable.append(param if param.dtype == ema.dtype else param.to(ema.dtype))
+                trainable.append(local if local.dtype == ema.dtype else local.to(ema.dtype))
             else:
                 frozen_ema.append(ema)
-                frozen.append(param)
+                frozen.append(local)
         if trainable:
             torch._foreach_lerp_(trainable_ema, trainable, weight)
         if frozen:
@@ -150,14 +160,15 @@ class EMACallback(Callback):
     def _swap_in(self) -> None:
         if not self.use_ema_for_validation or self._ema is None or self._raw_backup is not None:
             return
-        self._raw_backup = [p.detach().clone() for p in self._params]
-        torch._foreach_copy_(self._params, self._ema)
+        params = self._local_params()
+        self._raw_backup = [p.clone() for p in params]
+        torch._foreach_copy_(params, self._ema)
 
     @torch.no_grad()
     def _swap_out(self) -> None:
         if self._raw_backup is None:
             return
-        torch._foreach_copy_(self._params, self._raw_backup)
+        torch._foreach_copy_(self._local_params(), self._raw_backup)
         self._raw_backup = None
 
     @contextmanager
@@ -206,11 +217,14 @@ class EMACallback(Callback):
     ) -> None:
         if self._ema is None:  # not fitting: the model's weights are saved as they are
             return
-        raw = self._raw_backup if self._raw_backup is not None else [p.detach() for p in self._params]
+        raw = self._raw_backup if self._raw_backup is not None else self._local_params()
         raw_model_state = {}
         state_dict = checkpoint["state_dict"]
-        for keys, ema, raw_tensor in zip(self._state_dict_keys(pl_module, self._params), self._ema, raw):
-            raw_model_state[keys[0]] = raw_tensor
+        for keys, param, ema, raw_tensor in zip(
+            self._state_dict_keys(pl_module, self._params), self._params, self._ema, raw
+        ):
+            raw_model_state[keys[0]] = full_tensor(raw_tensor, param)
+            ema = full_tensor(ema, param)
             for key in keys:
                 state_dict[key] = ema
         checkpoint["callbacks"][self.state_key]["raw_model_state"] = raw_model_state
@@ -231,11 +245,18 @@ class EMACallback(Callback):
         raw_model_state = state["raw_model_state"]
         if set(raw_model_state) != {k[0] for k in keys}:
             raise KeyError("EMACallback state in the checkpoint does not match the parameters of pl_module.model")
-        self._ema_from_checkpoint = [checkpoint["state_dict"][k[0]] for k in keys]
+        saved = checkpoint.get("state_dict")  # FSDP's loader consumes it: then the just-loaded parameters hold it
+        if saved is not None:
+            self._ema_from_checkpoint = [shard_of(saved[k[0]], p) for p, k in zip(params, keys)]
+        else:
+            self._ema_from_checkpoint = [local_tensor(p.detach()).clone() for p in params]
         with torch.no_grad():
             for param, k in zip(params, keys):
-                param.copy_(raw_model_state[k[0]])
+                local_tensor(param).copy_(shard_of(raw_model_state[k[0]], param))
         self._ema = None
+        if self._params:  # strategies that restore after setup (FSDP) load after on_fit_start
+            self._params = params
+            self._init_ema()
 
 
 def load_model_state_dict(

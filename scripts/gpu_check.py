@@ -32,7 +32,12 @@ RUNS: dict[str, list[str]] = {
     "fp16": ["trainer.precision=16-mixed"],
     "bf16_compile": ["trainer.precision=bf16-mixed", "model.compile_modules=[encoder,decoder]"],
     "fsdp_bf16": ["trainer=fsdp", "trainer.devices=1", "trainer.precision=bf16-mixed"],
-    "fsdp_fp16": ["trainer=fsdp", "trainer.devices=1", "trainer.precision=16-mixed"],
+    "fsdp_bf16_compile": [
+        "trainer=fsdp",
+        "trainer.devices=1",
+        "trainer.precision=bf16-mixed",
+        "model.compile_modules=[encoder,decoder]",
+    ],
 }
 
 

@@ -260,6 +260,53 @@ def test_ddp_spawn_two_cpu_processes_agree(tmp_path, digits_cache):
         torch.testing.assert_close(rank1[key], value, rtol=0, atol=0)
 
 
+# ------------------------------------------------------------------------------------------------------ FSDP
+def _train_two_cpu_processes(run_dir: Path, digits_cache: str, *overrides: str) -> tuple[dict, str]:
+    """train.py in a subprocess (the FSDP strategy launches its other rank by re-running the command)."""
+    command = [
+        sys.executable,
+        "train.py",
+        *tiny_overrides("demo"),
+        "++model.tokenizer.clustering_vq=false",  # its codebook refresh draws per-rank random numbers
+        f"data.cache_dir={digits_cache}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.limit_val_batches=1",
+        "report_baseline=false",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    return checkpoint, result.stdout + result.stderr
+
+
+def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(tmp_path, digits_cache):
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=4"]  # validation swaps the sharded EMA in and out
+    fsdp, output = _train_two_cpu_processes(tmp_path / "fsdp", digits_cache, "trainer=fsdp", *steps)
+    assert "FSDP: 2 blocks of 'model' sharded over 2 ranks" in output
+    ddp, _ = _train_two_cpu_processes(tmp_path / "ddp", digits_cache, "trainer=ddp_sim", *steps)
+    assert fsdp["global_step"] == ddp["global_step"] == 4
+    # same data per rank and the same averaged gradients: FSDP trains exactly what DDP trains; the checkpoint
+    # holds full tensors (EMA in state_dict, training weights in the EMA callback state)
+    fsdp_raw = fsdp["callbacks"]["EMACallback"]["raw_model_state"]
+    ddp_raw = ddp["callbacks"]["EMACallback"]["raw_model_state"]
+    assert fsdp_raw.keys() == ddp_raw.keys()
+    for key, value in ddp_raw.items():
+        torch.testing.assert_close(fsdp_raw[key], value, rtol=0, atol=1e-6)
+        torch.testing.assert_close(fsdp["state_dict"][key], ddp["state_dict"][key], rtol=0, atol=1e-6)
+    moved = max((fsdp_raw[k] - fsdp["state_dict"][k]).abs().max().item() for k in fsdp_raw)
+    assert moved > 1e-5  # the EMA lags the trained weights: training did change them
+
+    resumed, _ = _train_two_cpu_processes(
+        tmp_path / "fsdp", digits_cache, "trainer=fsdp", "trainer.max_steps=6", "trainer.val_check_interval=6"
+    )
+    assert resumed["global_step"] == 6
+    assert resumed["callbacks"]["EMACallback"]["num_updates"] == 6
+
+
 # ----------------------------------------------------------------------------------- non-finite, accumulation
 def _demo_module_and_trainer(tmp_path, digits_cache, *overrides):
     # no clustering VQ: its codebook refresh in the forward pass would change weights without an optimizer step

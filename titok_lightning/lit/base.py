@@ -8,7 +8,8 @@ Manual optimization with one AdamW per *role* (``"model"`` always; GAN modules a
 - gradient accumulation over ``accumulate_grad_batches`` micro-batches (DDP syncs only the last one);
   schedules are counted in optimizer steps;
 - gradient clipping and the grad-norm log happen in ``on_before_optimizer_step``, i.e. after the
-  GradScaler has unscaled the gradients (16-mixed) and with the right reduction under FSDP;
+  GradScaler has unscaled the gradients (16-mixed) and, under FSDP, with the global norm over all shards;
+- under ``trainer=fsdp`` the trainable networks shard their transformer blocks in ``configure_model``;
 - a non-finite gradient norm either raises before the weights change (``nonfinite="raise"``) or drops
   the step and counts it (``nonfinite="skip"``); under 16-mixed the GradScaler skips such steps itself;
 - frozen helper networks (teacher, perceptual net, text encoder) stay in eval mode, get no gradients,
@@ -31,8 +32,11 @@ import lightning as L
 import torch
 import torch.nn as nn
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 
 from titok_lightning.lit.optim import build_adamw, build_scheduler
+from titok_lightning.lit.sharding import shard_blocks, sync_and_clip_gradients
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -101,6 +105,8 @@ class TrainingModule(L.LightningModule):
         self._role_of_optimizer: dict[int, str] = {}
         self._last_losses: dict[str, Any] = {}
         self._last_step_time: float | None = None
+        self._sharded = False
+        self._compiled = False
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
 
     # ----------------------------------------------------------------------------------- frozen modules
@@ -128,10 +134,28 @@ class TrainingModule(L.LightningModule):
         for key in [k for k in state if k.startswith(prefixes)]:
             del state[key]
 
-    # ------------------------------------------------------------------------------------ compilation
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
+    # ------------------------------------------------------------------- sharding (FSDP) and compilation
+    def configure_model(self) -> None:
+        """Lightning calls this once the processes and devices exist: under ``FullyShardedStrategy`` (``trainer=fsdp``)
+        shard the blocks of every trainable network; when fitting, compile ``compile_modules`` (after sharding)."""
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            raise TypeError(
+                "Lightning's FSDPStrategy (FSDP1) cannot run manual optimization, which every training module here "
+                "uses (a backward pass inside training_step; Lightning issue #19685). Use trainer=fsdp, i.e. "
+                "titok_lightning.lit.sharding.FullyShardedStrategy (FSDP2)."
+            )
+        mesh = self.device_mesh
+        if mesh is not None and not self._sharded:
+            ranks = mesh["data_parallel"].size()
+            for role in self.optimizer_roles():
+                count = shard_blocks(role.module, mesh["data_parallel"])
+                rank_zero_info(
+                    f"FSDP: {count} blocks of {role.name!r} sharded over {ranks} ranks, other layers replicated"
+                )
+            self._sharded = True
+        if self.trainer.state.fn == TrainerFn.FITTING and not self._compiled:
             self.compile_submodules()
+            self._compiled = True
 
     def compile_submodules(self) -> None:
         """Compile each of ``compile_modules`` in place (``nn.Module.compile``); names are checked first."""
@@ -248,11 +272,9 @@ class TrainingModule(L.LightningModule):
 
     def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            # Sharded gradients: only the FSDP root knows the global norm. Other roles' gradients are
-            # None at this point (set_to_none after each step), so this clips this role's alone.
-            return self.trainer.strategy.model.clip_grad_norm_(max_norm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self._sharded:
+            return sync_and_clip_gradients(params, max_norm, self.device_mesh["data_parallel"].get_group())
         if not params:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

@@ -1,0 +1,112 @@
+"""Fully sharded data parallel training (FSDP2) for the training modules.
+
+Every module here trains with manual optimization, calling ``manual_backward`` inside ``training_step`` (GAN
+training needs that). Lightning's ``FSDPStrategy`` (FSDP1) runs ``training_step`` inside the forward of the wrapped
+root module, where a backward pass is not allowed (Lightning issue #19685), so FSDP goes through Lightning's
+``ModelParallelStrategy`` and PyTorch's ``fully_shard`` (FSDP2) instead, which hooks individual submodules:
+
+- the transformer blocks of every trainable network are sharded over the data-parallel ranks (they hold nearly all
+  the parameters, gradients and optimizer state);
+- the remaining small layers of those networks (embeddings, latent tokens, convolution stems, heads) and the
+  discriminator stay replicated, and their gradients are averaged over the ranks before each optimizer step;
+- frozen helpers (teacher, perceptual and text networks) stay replicated: they have no gradients or optimizer state.
+
+Sharded parameters are ``DTensor``s; the helpers below convert between their local shard and the full tensor for
+the EMA callback and for checkpoints (which hold full tensors, loadable without a process group).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from titok_lightning.models.blocks import Block
+from titok_lightning.models.maskgit import PostNormBlock
+from titok_lightning.models.mmdit import JointTransformerBlock
+from titok_lightning.models.rar import RARBlock
+
+# the transformer blocks of every family: the units fully_shard gathers one at a time
+SHARDED_BLOCK_TYPES: tuple[type[nn.Module], ...] = (Block, PostNormBlock, RARBlock, JointTransformerBlock)
+
+
+class FullyShardedStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` as plain FSDP: every process is one data-parallel rank (no tensor parallelism), and
+    checkpoints are single files with full tensors (``save_distributed_checkpoint=True`` writes one shard per rank).
+    The LightningModule shards itself in ``configure_model`` (see ``TrainingModule.configure_model``)."""
+
+    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs) -> None:
+        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        self._tensor_parallel_size = 1
+        super().setup_environment()
+
+
+def _dtensor_type():
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    return isinstance(tensor, _dtensor_type())
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded parameter or gradient (a view: in-place changes reach it); else the tensor."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Gather a tensor laid out like ``like``'s shard back to full size (a collective: call on every rank)."""
+    if not is_sharded(like):
+        return local
+    mesh, placements = like.device_mesh, like.placements
+    return _dtensor_type().from_local(local, mesh, placements, shape=like.shape, stride=like.stride()).full_tensor()
+
+
+def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of ``full`` laid out like the sharded ``like`` (no communication); else ``full``."""
+    if not is_sharded(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(device=like.device)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def shard_blocks(module: nn.Module, mesh, block_types: tuple[type[nn.Module], ...] = SHARDED_BLOCK_TYPES) -> int:
+    """``fully_shard`` every block of ``module`` (in place) over ``mesh``; returns how many were sharded."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [child for child in module.modules() if isinstance(child, block_types)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    return len(blocks)
+
+
+@torch.no_grad()
+def sync_and_clip_gradients(params: list[nn.Parameter], max_norm: float, group) -> torch.Tensor:
+    """Average the replicated parameters' gradients over ``group``, then clip all gradients to ``max_norm`` by
+    their global norm (sharded gradients counted once over the ranks); returns that norm, equal on every rank."""
+    replicated = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
+    sharded = [p.grad.to_local() for p in params if p.grad is not None and is_sharded(p.grad)]
+    world_size = dist.get_world_size(group)
+    zero = torch.zeros((), device=(replicated or sharded or [torch.zeros(())])[0].device)
+    if replicated and world_size > 1:
+        flat = torch._utils._flatten_dense_tensors(replicated)
+        dist.all_reduce(flat, group=group)
+        flat /= world_size
+        torch._foreach_copy_(replicated, torch._utils._unflatten_dense_tensors(flat, replicated))
+    sharded_sq = torch.stack(torch._foreach_norm(sharded)).float().square().sum() if sharded else zero.clone()
+    if world_size > 1:
+        dist.all_reduce(sharded_sq, group=group)
+    replicated_sq = torch.stack(torch._foreach_norm(replicated)).float().square().sum() if replicated else zero
+    norm = (sharded_sq + replicated_sq).sqrt()
+    if max_norm != float("inf") and (replicated or sharded):
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(replicated + sharded, scale)
+    return norm
