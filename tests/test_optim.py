@@ -94,3 +94,17 @@ def test_fused_adamw_only_for_cuda_parameters_without_a_grad_scaler():
 def test_build_adamw_keeps_cpu_parameters_unfused():
     optimizer = build_adamw(nn.Linear(4, 4), lr=1e-3, precision="bf16-mixed")
     assert optimizer.defaults["fused"] is False
+
+
+def test_fsdp_sharded_and_replicated_parameters_get_separate_groups(monkeypatch):
+    # fused / multi-tensor AdamW kernels reject a list mixing DTensors and plain tensors: stand-in "sharded" = 2-D
+    import titok_lightning.lit.optim as optim
+
+    monkeypatch.setattr(optim, "is_sharded", lambda tensor: tensor.dim() == 2)
+    module = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    optimizer = optim.build_adamw(module, lr=1e-3, weight_decay=0.05)
+    kinds = [{p.dim() == 2 for p in group["params"]} for group in optimizer.param_groups]
+    assert all(len(kind) == 1 for kind in kinds)  # one kind per group
+    decay_of = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert decay_of[id(module[0].weight)] == 0.05 and decay_of[id(module[0].bias)] == 0.0
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(list(module.parameters()))

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from titok_lightning.lit.sharding import is_sharded
 from titok_lightning.schedules import build_lr_scheduler
 
 # Substrings of parameter names that the reference keeps out of weight decay (besides every 1-D parameter):
@@ -74,9 +75,20 @@ def build_adamw(
     """
     if len(betas) != 2:
         raise ValueError(f"betas must have two values, got {list(betas)}")
-    groups = adamw_param_groups(module.named_parameters(), weight_decay)
+    groups = split_sharded_groups(adamw_param_groups(module.named_parameters(), weight_decay))
     fused = fused_adamw_applies((p for group in groups for p in group["params"]), precision)
     return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=fused)
+
+
+def split_sharded_groups(groups: list[dict]) -> list[dict]:
+    """Under FSDP put the sharded (DTensor) and the replicated parameters of each group in separate groups with the
+    same settings: the multi-tensor and fused AdamW kernels take one kind per call."""
+    split = []
+    for group in groups:
+        sharded = [p for p in group["params"] if is_sharded(p)]
+        replicated = [p for p in group["params"] if not is_sharded(p)]
+        split += [{**group, "params": params} for params in (replicated, sharded) if params]
+    return split
 
 
 def build_scheduler(
