@@ -6,6 +6,8 @@ extractor."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 from datamodules.convert import encode_png, write_shards
 from datamodules.shards import collate_samples
 from datamodules.tokens import write_token_shards
-from tests.test_configs import CONF, MANIFESTS, compose_train
+from tests.test_configs import CONF, MANIFESTS, ROOT, compose_train
 from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
 from titok_lightning.lit.generator import MaskGenKLModule, MaskGenVQModule, MaskGITModule, RARModule
 from titok_lightning.lit.tokenizer import build_model
@@ -638,3 +640,36 @@ def test_demo_check_tells_digits_from_noise():
     real, _ = class_accuracy(classifier, arrays.val_images, arrays.val_labels)
     noise, _ = class_accuracy(classifier, random_images(500, seed=5), np.arange(500) % 10)
     assert real > 0.9 and noise < 0.3  # the 70% bar sits between the two
+
+
+@pytest.mark.parametrize("trainer", ["ddp_sim", "fsdp"])
+def test_generator_trains_on_two_cpu_processes_with_sample_grids(trainer, tiny_data, tmp_path):
+    # sample grids need every rank (trainer.log_dir is a broadcast; FSDP blocks gather their shards in forward)
+    ckpt = tokenizer_checkpoint(tmp_path / "tokenizer.ckpt")
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "train.py",
+        "experiment=demo_generator",
+        f"model.tokenizer={ckpt}",
+        f"data.train_shards={tiny_data['tokens']}",
+        f"data.val_shards={tiny_data['tokens']}",
+        "data.batch_size=4",
+        "++model.generator.hidden_size=32",
+        "++model.generator.intermediate_size=64",
+        f"trainer={trainer}",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "trainer.limit_val_batches=1",
+        "model.sample_grid.every_n_steps=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    grids = sorted(path.name for path in run_dir.rglob("generated_*.png"))
+    assert grids == ["generated_step_0000002.png", "generated_step_0000004.png"]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 4

@@ -118,10 +118,13 @@ def generate_images(
 
 
 def log_image_grid(trainer, grid: torch.Tensor, name: str, tag: str) -> Path:
-    """Write ``grid`` [3, H, W] in [0, 1] to ``<log dir>/images/<name>.png`` and to image-capable loggers."""
+    """Write ``grid`` [3, H, W] in [0, 1] to ``<log dir>/images/<name>.png`` and to image-capable loggers (rank 0;
+    call it on every rank: ``trainer.log_dir`` is a broadcast from rank 0)."""
     folder = Path(trainer.log_dir or trainer.default_root_dir) / "images"
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
+    if not trainer.is_global_zero:
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
     save_image(grid, path)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
@@ -307,7 +310,7 @@ class GeneratorModule(TrainingModule):
 
     def _grid_due(self) -> bool:
         every = self.sample_grid.get("every_n_steps")
-        return bool(every) and self.tokenizer is not None and self.trainer.is_global_zero
+        return bool(every) and self.tokenizer is not None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = self.global_step
@@ -319,6 +322,8 @@ class GeneratorModule(TrainingModule):
             self._log_sample_grid()
 
     def _log_sample_grid(self) -> None:
+        # every rank samples (costs no wall time: the others would wait for rank 0 anyway, and under FSDP each
+        # block's forward needs every rank's shard); rank 0 writes the grid
         with self._ema_weights(), self.trainer.precision_plugin.forward_context():
             grid = self.sample_grid_image()
         log_image_grid(self.trainer, grid, f"generated_step_{self.global_step:07d}", "train/generated")

@@ -480,13 +480,15 @@ def rar_generate(
     ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
     cache = model.make_kv_cache() if sampling.kv_cache else None
     graphed = None
+    # FSDP gathers each sharded block in its forward: collectives and allocations a CUDA graph cannot replay
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
     with sdpa_kernel(DECODING_SDPA_BACKENDS):
         for step in progress_bar(range(seq_len), progress, "RAR"):
             if cache is None or step == 0:
                 logits = model.forward_fn(ids[:, :step], cond_ids, is_sampling=True, kv_cache=cache)[:, -1]
             else:
                 position = step + 1  # of image token step - 1
-                if graphed is None and sampling.cuda_graph and device.type == "cuda":
+                if graphed is None and sampling.cuda_graph and device.type == "cuda" and not sharded:
                     graphed = CUDAGraphDecodeStep(model, cond_ids, cache)
                 if graphed is not None:
                     logits = graphed(ids[:, step - 1], position)
