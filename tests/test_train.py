@@ -284,7 +284,8 @@ def _train_two_cpu_processes(run_dir: Path, digits_cache: str, *overrides: str) 
 
 
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(tmp_path, digits_cache):
-    steps = ["trainer.max_steps=4", "trainer.val_check_interval=4"]  # validation swaps the sharded EMA in and out
+    # validation swaps the sharded EMA in and out; accumulation skips the gradient sync of the first micro-batch
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=8", "model.accumulate_grad_batches=2"]
     fsdp, output = _train_two_cpu_processes(tmp_path / "fsdp", digits_cache, "trainer=fsdp", *steps)
     assert "FSDP: 2 blocks of 'model' sharded over 2 ranks" in output
     ddp, _ = _train_two_cpu_processes(tmp_path / "ddp", digits_cache, "trainer=ddp_sim", *steps)
@@ -301,7 +302,7 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(tmp_path, digits_cach
     assert moved > 1e-5  # the EMA lags the trained weights: training did change them
 
     resumed, _ = _train_two_cpu_processes(
-        tmp_path / "fsdp", digits_cache, "trainer=fsdp", "trainer.max_steps=6", "trainer.val_check_interval=6"
+        tmp_path / "fsdp", digits_cache, "trainer=fsdp", "trainer.max_steps=6", "model.accumulate_grad_batches=2"
     )
     assert resumed["global_step"] == 6
     assert resumed["callbacks"]["EMACallback"]["num_updates"] == 6

@@ -36,7 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 from titok_lightning.lit.optim import build_adamw, build_scheduler
-from titok_lightning.lit.sharding import shard_blocks, sync_and_clip_gradients
+from titok_lightning.lit.sharding import set_gradient_sync, shard_blocks, sync_and_clip_gradients
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -224,9 +224,15 @@ class TrainingModule(L.LightningModule):
     @contextmanager
     def optimizing(self, role: str) -> Iterator[None]:
         """Context for the forward and backward of ``role``: only its parameters collect gradients, and
-        DDP all-reduces them only on the last micro-batch of an accumulation window."""
-        with self._optimizer(role).toggle_model(sync_grad=self.at_accumulation_boundary()):
+        DDP all-reduces (FSDP reduce-scatters) them only on the last micro-batch of an accumulation window."""
+        sync = self.at_accumulation_boundary()
+        if self._sharded:
+            set_gradient_sync(self._role_module(role), sync)
+        with self._optimizer(role).toggle_model(sync_grad=sync):
             yield
+
+    def _role_module(self, role: str) -> nn.Module:
+        return next(r.module for r in self.optimizer_roles() if r.name == role)
 
     def backward_and_step(self, role: str, loss: torch.Tensor, logs: Mapping[str, Any] | None = None) -> bool:
         """Backward ``loss`` for ``role`` and, at an accumulation boundary, step its optimizer and schedule.

@@ -88,6 +88,16 @@ def shard_blocks(module: nn.Module, mesh, block_types: tuple[type[nn.Module], ..
     return len(blocks)
 
 
+def set_gradient_sync(module: nn.Module, sync: bool) -> None:
+    """Whether the sharded blocks of ``module`` reduce-scatter their gradients in this backward pass (off while
+    accumulating: they keep full-size gradients until the last micro-batch, as DDP's ``no_sync``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for child in module.modules():
+        if isinstance(child, FSDPModule):
+            child.set_requires_gradient_sync(sync, recurse=False)
+
+
 @torch.no_grad()
 def sync_and_clip_gradients(params: list[nn.Parameter], max_norm: float, group) -> torch.Tensor:
     """Average the replicated parameters' gradients over ``group``, then clip all gradients to ``max_norm`` by
