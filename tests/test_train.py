@@ -287,7 +287,7 @@ def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(tmp_path, digits_cach
     # validation swaps the sharded EMA in and out; accumulation skips the gradient sync of the first micro-batch
     steps = ["trainer.max_steps=4", "trainer.val_check_interval=8", "model.accumulate_grad_batches=2"]
     fsdp, output = _train_two_cpu_processes(tmp_path / "fsdp", digits_cache, "trainer=fsdp", *steps)
-    assert "FSDP: 2 blocks of 'model' sharded over 2 ranks" in output
+    assert "FSDP: 'model': 2 blocks sharded over 2 ranks, other layers replicated" in output
     ddp, _ = _train_two_cpu_processes(tmp_path / "ddp", digits_cache, "trainer=ddp_sim", *steps)
     assert fsdp["global_step"] == ddp["global_step"] == 4
     # same data per rank and the same averaged gradients: FSDP trains exactly what DDP trains; the checkpoint

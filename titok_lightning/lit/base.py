@@ -149,9 +149,8 @@ class TrainingModule(L.LightningModule):
             ranks = mesh["data_parallel"].size()
             for role in self.optimizer_roles():
                 count = shard_blocks(role.module, mesh["data_parallel"])
-                rank_zero_info(
-                    f"FSDP: {count} blocks of {role.name!r} sharded over {ranks} ranks, other layers replicated"
-                )
+                sharded = f"{count} blocks sharded over {ranks} ranks, other layers" if count else "no blocks: all"
+                rank_zero_info(f"FSDP: {role.name!r}: {sharded} replicated")
             self._sharded = True
         if self.trainer.state.fn == TrainerFn.FITTING and not self._compiled:
             self.compile_submodules()
