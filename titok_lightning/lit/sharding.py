@@ -33,11 +33,12 @@ SHARDED_BLOCK_TYPES: tuple[type[nn.Module], ...] = (Block, PostNormBlock, RARBlo
 
 class FullyShardedStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` as plain FSDP: every process is one data-parallel rank (no tensor parallelism), and
-    checkpoints are single files with full tensors (``save_distributed_checkpoint=True`` writes one shard per rank).
-    The LightningModule shards itself in ``configure_model`` (see ``TrainingModule.configure_model``)."""
+    checkpoints are single files with full tensors, as with DDP (the EMA callback writes full tensors too, so
+    per-rank distributed checkpoints are not offered). The LightningModule shards itself in ``configure_model``
+    (see ``TrainingModule.configure_model``). ``kwargs``: ``process_group_backend``, ``timeout``."""
 
-    def __init__(self, save_distributed_checkpoint: bool = False, **kwargs) -> None:
-        super().__init__(save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    def __init__(self, **kwargs) -> None:
+        super().__init__(save_distributed_checkpoint=False, **kwargs)
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
