@@ -225,13 +225,10 @@ class TrainingModule(L.LightningModule):
         """Context for the forward and backward of ``role``: only its parameters collect gradients, and
         DDP all-reduces (FSDP reduce-scatters) them only on the last micro-batch of an accumulation window."""
         sync = self.at_accumulation_boundary()
-        if self._sharded:
-            set_gradient_sync(self._role_module(role), sync)
+        if self._sharded:  # only ``role``'s blocks get gradients here: the setting of the others does not matter
+            set_gradient_sync(self, sync)
         with self._optimizer(role).toggle_model(sync_grad=sync):
             yield
-
-    def _role_module(self, role: str) -> nn.Module:
-        return next(r.module for r in self.optimizer_roles() if r.name == role)
 
     def backward_and_step(self, role: str, loss: torch.Tensor, logs: Mapping[str, Any] | None = None) -> bool:
         """Backward ``loss`` for ``role`` and, at an accumulation boundary, step its optimizer and schedule.
@@ -279,7 +276,7 @@ class TrainingModule(L.LightningModule):
         max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if self._sharded:
-            return sync_and_clip_gradients(params, max_norm, self.device_mesh["data_parallel"].get_group())
+            return sync_and_clip_gradients(params, max_norm, self.device_mesh["data_parallel"].get_group(), self.device)
         if not params:
             return torch.zeros((), device=self.device)
         return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)

@@ -100,13 +100,13 @@ def set_gradient_sync(module: nn.Module, sync: bool) -> None:
 
 
 @torch.no_grad()
-def sync_and_clip_gradients(params: list[nn.Parameter], max_norm: float, group) -> torch.Tensor:
+def sync_and_clip_gradients(params: list[nn.Parameter], max_norm: float, group, device: torch.device) -> torch.Tensor:
     """Average the replicated parameters' gradients over ``group``, then clip all gradients to ``max_norm`` by
     their global norm (sharded gradients counted once over the ranks); returns that norm, equal on every rank."""
     replicated = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
     sharded = [p.grad.to_local() for p in params if p.grad is not None and is_sharded(p.grad)]
     world_size = dist.get_world_size(group)
-    zero = torch.zeros((), device=(replicated or sharded or [torch.zeros(())])[0].device)
+    zero = torch.zeros((), device=device)
     if replicated and world_size > 1:
         flat = torch._utils._flatten_dense_tensors(replicated)
         dist.all_reduce(flat, group=group)
