@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from titok_lightning.lit.sharding import full_tensor, local_tensor, shard_of
+from titok_lightning.tensors import full_tensor, local_tensor, shard_of
 
 
 class EMACallback(Callback):

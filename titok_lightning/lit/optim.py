@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from titok_lightning.lit.sharding import is_sharded
 from titok_lightning.schedules import build_lr_scheduler
+from titok_lightning.tensors import is_sharded
 
 # Substrings of parameter names that the reference keeps out of weight decay (besides every 1-D parameter):
 # LayerNorm gains ("ln", "norm", "gamma"), biases, embeddings and the learned latent / mask tokens.

@@ -11,8 +11,8 @@ root module, where a backward pass is not allowed (Lightning issue #19685), so F
   discriminator stay replicated, and their gradients are averaged over the ranks before each optimizer step;
 - frozen helpers (teacher, perceptual and text networks) stay replicated: they have no gradients or optimizer state.
 
-Sharded parameters are ``DTensor``s; the helpers below convert between their local shard and the full tensor for
-the EMA callback and for checkpoints (which hold full tensors, loadable without a process group).
+Sharded parameters are ``DTensor``s; :mod:`titok_lightning.tensors` converts between their local shard and the full
+tensor (for the EMA callback and for checkpoints, which hold full tensors, loadable without a process group).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from titok_lightning.models.blocks import Block
 from titok_lightning.models.maskgit import PostNormBlock
 from titok_lightning.models.mmdit import JointTransformerBlock
 from titok_lightning.models.rar import RARBlock
+from titok_lightning.tensors import is_sharded
 
 # the transformer blocks of every family: the units fully_shard gathers one at a time
 SHARDED_BLOCK_TYPES: tuple[type[nn.Module], ...] = (Block, PostNormBlock, RARBlock, JointTransformerBlock)
@@ -44,39 +45,6 @@ class FullyShardedStrategy(ModelParallelStrategy):
         self._data_parallel_size = self.num_nodes * self.num_processes
         self._tensor_parallel_size = 1
         super().setup_environment()
-
-
-def _dtensor_type():
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return isinstance(tensor, _dtensor_type())
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a sharded parameter or gradient (a view: in-place changes reach it); else the tensor."""
-    return tensor.to_local() if is_sharded(tensor) else tensor
-
-
-def full_tensor(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Gather a tensor laid out like ``like``'s shard back to full size (a collective: call on every rank)."""
-    if not is_sharded(like):
-        return local
-    mesh, placements = like.device_mesh, like.placements
-    return _dtensor_type().from_local(local, mesh, placements, shape=like.shape, stride=like.stride()).full_tensor()
-
-
-def shard_of(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of ``full`` laid out like the sharded ``like`` (no communication); else ``full``."""
-    if not is_sharded(like):
-        return full
-    from torch.distributed.tensor import distribute_tensor
-
-    full = full.to(device=like.device)
-    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
 
 
 def shard_blocks(module: nn.Module, mesh, block_types: tuple[type[nn.Module], ...] = SHARDED_BLOCK_TYPES) -> int:
