@@ -33,6 +33,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from datamodules.transforms import check_image_mode, to_rgb
+
 log = logging.getLogger(__name__)
 
 # Formats whose bytes are stored as they are (the reader decodes them); anything else becomes PNG.
@@ -117,14 +119,19 @@ def encode_png(image: np.ndarray | Image.Image) -> bytes:
 
 
 def _image_entry(data: bytes, verify: bool) -> tuple[str, bytes, int, int]:
-    """(extension, bytes, height, width) for stored image bytes; unusual formats are re-encoded as PNG."""
+    """(extension, bytes, height, width) for stored image bytes; unusual formats are re-encoded as PNG.
+
+    Images whose mode the reader cannot convert to RGB (32-bit integer / float) raise ValueError here, so that
+    they are skipped and named now rather than at training time.
+    """
     with Image.open(io.BytesIO(data)) as image:
         width, height = image.size
+        check_image_mode(image)
         extension = _KEPT_FORMATS.get(image.format)
         if verify or extension is None:
             image.load()  # full decode: truncated or corrupt files raise here
         if extension is None:
-            return "png", encode_png(image.convert("RGB")), height, width
+            return "png", encode_png(to_rgb(image)), height, width
     return extension, data, height, width
 
 

@@ -8,21 +8,54 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from PIL import Image
 from torchvision import transforms
 
 Image.MAX_IMAGE_PIXELS = None  # web-scale text-image data has very large images; they are resized anyway
 
 
+# Modes `convert("RGB")` maps faithfully; 16-bit and transparent modes need the handling in `to_rgb`.
+_PLAIN_MODES = {"RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def check_image_mode(image: Image.Image) -> None:
+    """ValueError naming the mode when `to_rgb` cannot convert it (read from the header: no pixel decoding)."""
+    if image.mode not in _PLAIN_MODES | _SIXTEEN_BIT_MODES | _ALPHA_MODES:
+        raise ValueError(
+            f"unsupported image mode {image.mode!r} (32-bit integer/float or exotic: value range unknown); "
+            "convert such images to 8-bit RGB or 16-bit PNG"
+        )
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB version of `image`; ValueError for modes whose value range is unknown (I, F, ...).
+
+    16-bit grayscale (mode I;16, e.g. 16-bit PNG) is scaled to 8 bit (`convert` would clip it to near-white);
+    transparent images (RGBA, LA, PA, P with a transparent colour) are composited over white.
+    """
+    check_image_mode(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.uint32)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
+    if image.mode in _ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes) -> Image.Image:
-    """Decode encoded image bytes (JPEG/PNG/WebP/...) into an RGB PIL image.
+    """Decode encoded image bytes (JPEG/PNG/WebP/...) into an 8-bit RGB PIL image (see `to_rgb`).
 
     Decodes fully here so that truncated files fail now (and get skipped), not inside a transform.
-    Grayscale, palette, RGBA and CMYK images are converted to RGB.
     """
     image = Image.open(io.BytesIO(data))
     image.load()
-    return image if image.mode == "RGB" else image.convert("RGB")
+    return to_rgb(image)
 
 
 def train_transform(
