@@ -52,6 +52,7 @@ def compose_train(overrides: list[str], tmp_path: Path | None = None):
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path)
             cfg.hydra.runtime.cwd = str(tmp_path)
+            cfg.paths.root_dir = str(tmp_path)  # outputs/ under the test's folder
             cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg

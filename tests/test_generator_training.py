@@ -500,6 +500,7 @@ def compose_sample(overrides: list[str], out: Path):
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out)
         cfg.hydra.runtime.cwd = str(out)
+        cfg.paths.root_dir = str(out)  # outputs/ under the test's folder
         cfg.hydra.job.num = 0
     HydraConfig.instance().set_config(cfg)
     return cfg

@@ -387,22 +387,20 @@ def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
 
 
 # ----------------------------------------------------------------------------------------------------- sweep
-def test_multirun_sweep_runs_every_job(tmp_path, digits_cache):
-    sweep = tmp_path / "sweep"
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "-m",
-        *tiny_overrides("demo"),
-        "trainer.fast_dev_run=true",
-        f"data.cache_dir={digits_cache}",
-        "model.optimizer.lr=0.001,0.002",
-        f"hydra.sweep.dir={sweep}",
-    ]
+def test_multirun_as_typed_writes_one_folder_per_job(tmp_path, digits_cache):
+    # `python train.py -m trainer.max_steps=3 model.optimizer.lr=1e-4,2e-4` with only sizes and paths changed;
+    # no hydra.sweep.dir: the sweep folder comes from the config (outputs/<task_name>/multiruns/<time>/<job>)
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "trainer.max_steps=2", "model.optimizer.lr=1e-4,2e-4"]
+    command += [*tiny_overrides("demo"), "trainer.limit_val_batches=1", f"data.cache_dir={digits_cache}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PROJECT_ROOT", None)
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "demo" / "multiruns").iterdir()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     learning_rates = sorted(
-        OmegaConf.load(sweep / str(job) / "checkpoints" / "config.yaml").model.optimizer.lr for job in (0, 1)
+        OmegaConf.load(sweep / job / "checkpoints" / "config.yaml").model.optimizer.lr for job in "01"
     )
-    assert learning_rates == [0.001, 0.002]
+    assert learning_rates == [1e-4, 2e-4]
+    for job in "01":
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

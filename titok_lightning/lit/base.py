@@ -11,7 +11,8 @@ Manual optimization with one AdamW per *role* (``"model"`` always; GAN modules a
   GradScaler has unscaled the gradients (16-mixed) and, under FSDP, with the global norm over all shards;
 - under ``trainer=fsdp`` the trainable networks shard their transformer blocks in ``configure_model``;
 - a non-finite gradient norm either raises before the weights change (``nonfinite="raise"``) or drops
-  the step and counts it (``nonfinite="skip"``); under 16-mixed the GradScaler skips such steps itself;
+  the step, counts it and says so (``nonfinite="skip"``; after ``nonfinite_max_consecutive`` dropped steps in a
+  row it raises: the run has diverged); under 16-mixed the GradScaler skips such steps itself;
 - frozen helper networks (teacher, perceptual net, text encoder) stay in eval mode, get no gradients,
   and are left out of checkpoints: they are rebuilt from their own weight source.
 
@@ -22,6 +23,7 @@ Subclasses set ``self.model`` (the trainable network, the EMA target), implement
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -37,6 +39,8 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from titok_lightning.lit.optim import build_adamw, build_scheduler
 from titok_lightning.lit.sharding import set_gradient_sync, shard_blocks, sync_and_clip_gradients
+
+log = logging.getLogger(__name__)
 
 NONFINITE_POLICIES = ("raise", "skip")
 
@@ -65,6 +69,7 @@ class TrainingModule(L.LightningModule):
         max_grad_norm: clip each role's gradient norm to this value (``None``: measure only).
         accumulate_grad_batches: micro-batches per optimizer step.
         nonfinite: ``"raise"`` or ``"skip"`` (see module docstring).
+        nonfinite_max_consecutive: under ``"skip"``, stop (raise) after this many skipped steps in a row.
         compile_modules: submodules of ``self.model`` (dotted names) to ``torch.compile`` in place when fitting
             starts; a ``ModuleList`` compiles each of its blocks. Empty (default): eager. In-place compilation
             keeps state-dict keys, so checkpoints, EMA and the converters are unaffected.
@@ -81,12 +86,15 @@ class TrainingModule(L.LightningModule):
         compile_modules: Sequence[str] = (),
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        nonfinite_max_consecutive: int = 20,
     ):
         super().__init__()
         if isinstance(compile_modules, str):
             raise TypeError(f"compile_modules must be a list of submodule names, got the string {compile_modules!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if nonfinite_max_consecutive < 1:
+            raise ValueError(f"nonfinite_max_consecutive must be >= 1, got {nonfinite_max_consecutive}")
         if accumulate_grad_batches < 1:
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if "lr" not in optimizer:
@@ -97,6 +105,8 @@ class TrainingModule(L.LightningModule):
         self.max_grad_norm = max_grad_norm
         self.accumulate_grad_batches = accumulate_grad_batches
         self.nonfinite = nonfinite
+        self.nonfinite_max_consecutive = nonfinite_max_consecutive
+        self._consecutive_skips: dict[str, int] = {}  # per role; not checkpointed: a resumed run starts afresh
         self.compile_modules = tuple(compile_modules)
         self.compile_options = {"backend": compile_backend, "mode": compile_mode}
         self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long))
@@ -137,7 +147,10 @@ class TrainingModule(L.LightningModule):
     # ------------------------------------------------------------------- sharding (FSDP) and compilation
     def configure_model(self) -> None:
         """Lightning calls this once the processes and devices exist: under ``FullyShardedStrategy`` (``trainer=fsdp``)
-        shard the blocks of every trainable network; when fitting, compile ``compile_modules`` (after sharding)."""
+        shard the blocks of every trainable network; when fitting, compile ``compile_modules`` (after sharding).
+        ``load_from_checkpoint`` calls it too, with no Trainer: then there is nothing to shard or compile."""
+        if self._trainer is None:
+            return
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise TypeError(
                 "Lightning's FSDPStrategy (FSDP1) cannot run manual optimization, which every training module here "
@@ -257,20 +270,41 @@ class TrainingModule(L.LightningModule):
         norm = self._clip_gradients(optimizer)
         self.log(f"train/grad_norm/{role}", norm, on_step=True, on_epoch=False)
         if bool(torch.isfinite(norm)):  # one host sync per optimizer step, after the backward pass
+            self._consecutive_skips[role] = 0
             return
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # 16-mixed: overflow is expected now and then; the GradScaler skips the step and backs off
+        terms = {k: float(v) for k, v in self._last_losses.get(role, {}).items()}
         if self.nonfinite == "raise":
-            terms = {k: float(v) for k, v in self._last_losses.get(role, {}).items()}
             raise NonFiniteLossError(
                 f"non-finite gradient norm ({float(norm)}) for the {role!r} optimizer at global step "
                 f"{self.global_step}; loss terms: {terms}. The step was not applied, so weights, EMA and "
                 "checkpoints are unchanged. Lower the learning rate, train in bf16-mixed or 32-true, or set "
                 "model.nonfinite=skip to drop such steps."
             )
+        in_a_row = self._consecutive_skips.get(role, 0) + 1
+        if in_a_row >= self.nonfinite_max_consecutive:
+            raise NonFiniteLossError(
+                f"{in_a_row} steps in a row with a non-finite gradient norm for the {role!r} optimizer (global step "
+                f"{self.global_step}, loss terms: {terms}): the run has diverged. The weights are those of the last "
+                "finite step. Lower the learning rate or resume from an earlier checkpoint (the limit is "
+                "model.nonfinite_max_consecutive)."
+            )
+        self._consecutive_skips[role] = in_a_row
         optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients untouched
         self.skipped_steps += 1
         self.log("train/skipped_steps", self.skipped_steps.float(), on_step=True, on_epoch=False)
+        if self.trainer.is_global_zero:
+            log.warning(
+                "step %d: non-finite gradient norm for the %r optimizer, step skipped (%d in a row, %d in total; "
+                "stopping at %d in a row); loss terms: %s",
+                self.global_step,
+                role,
+                in_a_row,
+                int(self.skipped_steps),
+                self.nonfinite_max_consecutive,
+                terms,
+            )
 
     def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         max_norm = float("inf") if self.max_grad_norm is None else float(self.max_grad_norm)
