@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from titok_lightning.convert import CheckpointMismatchError
 from titok_lightning.hub import PretrainedNotAvailableError, find_variant, load_pretrained
+from titok_lightning.loading import download_command
 from titok_lightning.models.maskgit_vqgan import MaskGITVQGAN
 from titok_lightning.models.titok import TATiTok, TiTok
 from titok_lightning.registry import get_spec
@@ -87,7 +88,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_load_directory_with_config_picks_the_class_by_keys(tmp_path):
     config = reference_config()
-    titok = TiTok.from_reference_config(config, SIZE_PRESETS)
+    titok = TiTok.from_reference_config(config)
     write_checkpoint(tmp_path / "titok", titok, config)
     loaded = load_pretrained(str(tmp_path / "titok"))
     assert type(loaded) is TiTok and not loaded.training
@@ -95,7 +96,7 @@ def test_load_directory_with_config_picks_the_class_by_keys(tmp_path):
 
     # The same config with a text-guided decoder's weights is a TA-TiTok checkpoint.
     ta_config = reference_config(text_context_length=3, text_embed_dim=8)
-    tatitok = TATiTok.from_reference_config(ta_config, SIZE_PRESETS)
+    tatitok = TATiTok.from_reference_config(ta_config)
     write_checkpoint(tmp_path / "tatitok", tatitok, ta_config)
     loaded = load_pretrained(str(tmp_path / "tatitok" / "model.safetensors"))
     assert type(loaded) is TATiTok
@@ -128,7 +129,7 @@ def test_load_without_config_or_variant_searches_the_registry(tmp_path):
 
 def test_mismatched_checkpoint_names_the_keys(tmp_path):
     config = reference_config()
-    model = TiTok.from_reference_config(config, SIZE_PRESETS)
+    model = TiTok.from_reference_config(config)
     state_dict = to_reference_keys(model.state_dict())
     state_dict.pop("decoder.ln_post.weight")
     state_dict["decoder.extra_head.weight"] = torch.zeros(3)
@@ -147,8 +148,8 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
 @pytest.mark.parametrize(
     "source, named",
     [
-        ("titok_l32", ["yucornetto/tokenizer_titok_l32_imagenet", "model.safetensors", "config.json"]),
-        ("turkeyju/tokenizer_tatitok_bl32_vae", ["turkeyju/tokenizer_tatitok_bl32_vae", "model.safetensors"]),
+        ("titok_l32", ["yucornetto/tokenizer_titok_l32_imagenet", "config.json", "model.safetensors"]),
+        ("turkeyju/tokenizer_tatitok_bl32_vae", ["turkeyju/tokenizer_tatitok_bl32_vae", "config.json", "model.safetensors"]),
         ("maskgit_vqgan_f16_256", ["fun-research/TiTok", "maskgit-vqgan-imagenet-f16-256.bin"]),
     ],
 )
@@ -158,7 +159,9 @@ def test_offline_gives_one_clear_error(offline, source, named):
     message = str(err.value)
     for text in named:
         assert text in message
-    assert "huggingface-cli download" in message and "load_pretrained('<DIR>" in message
+    repo = named[0]
+    assert f"`{download_command(repo, named[1:])}`" in message and "HF_HUB_OFFLINE" in message
+    assert "\n" not in message
     assert err.value.__cause__ is None and (err.value.__context__ is None or err.value.__suppress_context__)
 
 

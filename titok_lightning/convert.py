@@ -29,17 +29,21 @@ class CheckpointMismatchError(RuntimeError):
 
 
 class FromReferenceConfig:
-    """Mixin for model classes whose ``kwargs_from_reference_config(config, size_presets, patched_constants)``
-    reads their constructor arguments from the reference's nested config."""
+    """How every model family reads a reference config: ``kwargs_from_reference_config(config)`` -> constructor
+    arguments, ``from_reference_config(config)`` -> model.
+
+    ``config`` is the reference's nested (OmegaConf) config as its ``config.json`` holds it; it may carry, at the top
+    level, the parity fixtures' ``size_presets`` (extra ViT size names: ``{name: {width, num_layers, num_heads}}``)
+    and ``patched_constants`` (sizes the reference hard-codes), for the families whose sizes the reference fixes.
+    """
 
     @classmethod
-    def from_reference_config(
-        cls,
-        config: Mapping[str, Any],
-        size_presets: Mapping[str, Mapping[str, int]] | None = None,
-        patched_constants: Mapping[str, Any] | None = None,
-    ) -> Any:
-        return cls(**cls.kwargs_from_reference_config(config, size_presets, patched_constants))
+    def kwargs_from_reference_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_reference_config(cls, config: Mapping[str, Any]) -> Any:
+        return cls(**cls.kwargs_from_reference_config(config))
 
 
 def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:

@@ -84,7 +84,7 @@ class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
         return torch.full((batch_size,), self.null_condition_id, dtype=torch.long, device=device)
 
     @classmethod
-    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
+    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
         """Constructor kwargs from the reference's nested config (its ``model.generator`` section)."""
         gen = config["model"]["generator"]
         sampling = cls.sampling_cls(**{name: gen[name] for name in cls.reference_sampling_fields if name in gen})

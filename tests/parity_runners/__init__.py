@@ -34,12 +34,11 @@ class Fixture:
         return self.meta["reference_config"]
 
     @property
-    def size_presets(self) -> dict[str, dict[str, int]]:
-        return self.meta.get("size_presets") or {}
-
-    @property
-    def patched_constants(self) -> dict[str, Any]:
-        return self.meta.get("patched_constants") or {}
+    def reference_document(self) -> dict[str, Any]:
+        """The reference config with the fixture's ``size_presets`` and ``patched_constants`` at its top level, as
+        ``FromReferenceConfig`` reads it (and as an exported ``config.json`` holds it)."""
+        extras = {k: self.meta[k] for k in ("size_presets", "patched_constants") if self.meta.get(k)}
+        return {**self.config, **extras}
 
     @classmethod
     def load(cls, json_path: Path) -> Fixture:
@@ -61,7 +60,7 @@ class Fixture:
 def build_model(model_cls: type, fixture: Fixture) -> nn.Module:
     """``model_cls`` built from the fixture's reference config (with its size presets and patched
     constants), the fixture's reference state dict loaded through the class's conversion; eval mode."""
-    model = model_cls.from_reference_config(fixture.config, fixture.size_presets, fixture.patched_constants)
+    model = model_cls.from_reference_config(fixture.reference_document)
     return load_reference_state_dict(model, fixture.state_dict).eval()
 
 

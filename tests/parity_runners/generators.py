@@ -118,7 +118,7 @@ def run_maskgen_kl(fixture: Fixture) -> dict[str, torch.Tensor]:
 def _resolve_maskgen(cls: type[MaskGenVQ] | type[MaskGenKL], config: dict) -> tuple[str, dict[str, Any]]:
     """The registry variant of the same class and architecture; sampling defaults that differ (stage-1
     configs use aesthetic score 6.0) become overrides."""
-    kwargs = cls.config_to_kwargs(config)
+    kwargs = cls.kwargs_from_reference_config(config)
     for name in list_models("generator"):
         spec = get_spec(name)
         if spec.model_cls is cls and all(spec.kwargs.get(k) == kwargs[k] for k in ("embed_dim", "depth", "num_heads")):

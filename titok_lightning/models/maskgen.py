@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titok_lightning.convert import CheckpointMismatchError, rename_keys
+from titok_lightning.convert import CheckpointMismatchError, FromReferenceConfig, rename_keys
 from titok_lightning.models.blocks import TimestepEmbedder, init_trunc_normal, modulate, timestep_embedding
 from titok_lightning.models.diffusion import GaussianDiffusion
 from titok_lightning.models.mmdit import AdaLayerNormContinuous, JointAttention, MMDiT, convert_diffusers_keys
@@ -64,7 +64,7 @@ def interleaved_sin_cos_encoding(x: torch.Tensor, dim: int) -> torch.Tensor:
 # Shared text conditioning
 
 
-class _TextConditionedGenerator(nn.Module):
+class _TextConditionedGenerator(FromReferenceConfig, nn.Module):
     """Text-conditioning helpers shared by both generators (``self.transformer`` is an :class:`MMDiT`)."""
 
     transformer: MMDiT
@@ -142,17 +142,6 @@ class _TextConditionedGenerator(nn.Module):
             torch.cat([condition_pooled, null_condition_pooled.to(condition_pooled.dtype)]),
             aesthetic_score,
         )
-
-    @staticmethod
-    def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @classmethod
-    def from_reference_config(
-        cls, config: Mapping[str, Any], size_presets=None, patched_constants=None
-    ) -> _TextConditionedGenerator:
-        """Build from the reference's nested config (sizes come from the config itself: no presets)."""
-        return cls(**cls.config_to_kwargs(config))
 
 
 def _reference_sections(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], Mapping[str, Any], dict[str, Any]]:
@@ -343,8 +332,8 @@ class MaskGenVQ(_TextConditionedGenerator):
             )
         return ids
 
-    @staticmethod
-    def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def kwargs_from_reference_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments from the reference's nested config (``model.vq_model`` / ``model.maskgen``)."""
         vq, mg, conditioning = _reference_sections(config)
         return dict(
@@ -704,8 +693,8 @@ class MaskGenKL(_TextConditionedGenerator):
             num_masked = keep_masked
         return self.tokens_from_latents(latents)
 
-    @staticmethod
-    def config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def kwargs_from_reference_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor arguments from the reference's nested config (``model``, ``losses``)."""
         vq, mg, conditioning = _reference_sections(config)
         losses = config.get("losses", {})

@@ -123,7 +123,7 @@ class MaskGITGenerator(ClassConditionalGenerator):
     # -- reference checkpoints -------------------------------------------------------------------------------
 
     @classmethod
-    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
+    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
         model_type = config["model"]["generator"].get("model_type", "ViT")
         if model_type != cls.model_type:
             raise ValueError(f"{cls.__name__} builds model_type {cls.model_type!r}, the config has {model_type!r}")
@@ -294,7 +294,7 @@ class UViTBert(MaskGITGenerator):
         return self.norm(x)
 
     @classmethod
-    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
+    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
         # The reference's U-ViT blocks are built without dropout whatever the config says.
         return {**super().kwargs_from_reference_config(config), "dropout": 0.0, "attn_drop": 0.0}
 

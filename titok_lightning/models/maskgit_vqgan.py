@@ -268,15 +268,11 @@ class MaskGITVQGAN(FromReferenceConfig, nn.Module):
     def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return dict(state_dict)  # module names match the published checkpoint
 
-    @staticmethod
-    def kwargs_from_reference_config(
-        config: Mapping[str, Any],
-        size_presets: Mapping[str, Any] | None = None,
-        patched_constants: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    @classmethod
+    def kwargs_from_reference_config(cls, config: Mapping[str, Any]) -> dict[str, Any]:
         """Constructor kwargs from the fixtures' / manifests' ``{pixel_vqgan_conf, quantizer}`` dict (or
-        from ``patched_constants``); without either, the published f16-256 configuration."""
-        patched = dict(patched_constants or {})
+        from its ``patched_constants``); without either, the published f16-256 configuration."""
+        patched = dict(config.get("patched_constants") or {})
         conv = dict(config.get("pixel_vqgan_conf") or patched.get("pixel_vqgan_conf") or MASKGIT_VQGAN_F16_256)
         quantizer = dict(config.get("quantizer") or {})
         codebook_size = quantizer.get("num_embeddings", patched.get("pixel_codebook_size", 1024))

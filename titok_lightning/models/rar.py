@@ -383,7 +383,7 @@ class RAR(ClassConditionalGenerator):
     # -- reference checkpoints -----------------------------------------------------------------------------
 
     @classmethod
-    def kwargs_from_reference_config(cls, config: dict, size_presets=None, patched_constants=None) -> dict[str, Any]:
+    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
         gen = config["model"]["generator"]
         return dict(
             super().kwargs_from_reference_config(config),

@@ -378,22 +378,20 @@ class TiTok(FromReferenceConfig, nn.Module):
     def kwargs_from_reference_config(
         cls,
         config: Mapping[str, Any],
-        size_presets: Mapping[str, Mapping[str, int]] | None = None,
-        patched_constants: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Constructor kwargs from the reference's nested config (``model.vq_model``, ``dataset``).
 
-        ``size_presets`` adds ViT size names ({name: {width, num_layers, num_heads}});
+        A top-level ``size_presets`` adds ViT size names ({name: {width, num_layers, num_heads}});
         ``patched_constants`` replaces the reference's hard-coded pixel VQGAN config
         (``pixel_vqgan_conf``, ``pixel_codebook_size``, ``pixel_codebook_dim``) and the legacy head
         size (``legacy_proxy_codes``).
         """
         vq = config["model"]["vq_model"]
         sizes = dict(VIT_SIZES)
-        for name, preset in (size_presets or {}).items():
+        for name, preset in (config.get("size_presets") or {}).items():
             sizes[name] = (preset["width"], preset["num_layers"], preset["num_heads"])
         enc, dec = sizes[vq["vit_enc_model_size"]], sizes[vq["vit_dec_model_size"]]
-        patched = dict(patched_constants or {})
+        patched = dict(config.get("patched_constants") or {})
         quantize_mode = vq.get("quantize_mode", "vq")
         kwargs: dict[str, Any] = dict(
             image_size=config["dataset"]["preprocessing"]["crop_size"],
@@ -460,10 +458,8 @@ class TATiTok(TiTok):
     def kwargs_from_reference_config(
         cls,
         config: Mapping[str, Any],
-        size_presets: Mapping[str, Mapping[str, int]] | None = None,
-        patched_constants: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
-        kwargs = super().kwargs_from_reference_config(config, size_presets, patched_constants)
+        kwargs = super().kwargs_from_reference_config(config)
         vq = config["model"]["vq_model"]
         kwargs.update(
             text_context_length=vq.get("text_context_length", 77),
