@@ -11,7 +11,6 @@ Checkpoint layout (written by ``on_save_checkpoint``):
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from titok_lightning.loading import EMA_STATE_KEY
 from titok_lightning.tensors import full_tensor, local_tensor, shard_of
 
 
@@ -140,7 +140,10 @@ class EMACallback(Callback):
         self.num_updates += 1
         if (self.num_updates - 1) % self.update_every_n_steps != 0:
             return
-        weight = 1.0 - self.decay_at(self.num_updates)
+        decay = self.decay_at(self.num_updates)
+        # float64: a Python float would be logged as float32
+        pl_module.log("train/ema_decay", torch.tensor(decay, dtype=torch.float64), on_step=True, on_epoch=False)
+        weight = 1.0 - decay
         trainable_ema, trainable, frozen_ema, frozen = [], [], [], []
         for ema, param, local in zip(self._ema, self._params, self._local_params()):
             if param.requires_grad:
@@ -205,6 +208,10 @@ class EMACallback(Callback):
 
     # -- checkpointing -------------------------------------------------------------------------------------------------
 
+    @property
+    def state_key(self) -> str:
+        return EMA_STATE_KEY  # where titok_lightning.loading finds the training weights in a checkpoint
+
     def state_dict(self) -> dict[str, Any]:
         return {"num_updates": self.num_updates, "last_global_step": self._last_global_step}
 
@@ -258,23 +265,3 @@ class EMACallback(Callback):
             self._params = params
             self._init_ema()
 
-
-def load_model_state_dict(
-    checkpoint_path: str | os.PathLike, prefix: str = "model.", use_ema: bool = True
-) -> dict[str, torch.Tensor]:
-    """Weights of ``pl_module.model`` from a Lightning checkpoint, keys without ``prefix``.
-
-    With ``use_ema`` (default) these are the EMA weights when the run used ``EMACallback`` (its checkpoints keep them
-    in ``state_dict``), else the training weights stored by the callback.
-    """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    state_dict = dict(checkpoint["state_dict"])
-    if not use_ema:
-        ema_state = checkpoint.get("callbacks", {}).get(EMACallback.__qualname__)
-        if ema_state is None:
-            raise KeyError(f"{checkpoint_path} has no EMACallback state: its state_dict holds the training weights")
-        state_dict.update(ema_state["raw_model_state"])
-    model_state = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
-    if not model_state:
-        raise KeyError(f"no '{prefix}*' keys in the state_dict of {checkpoint_path}")
-    return model_state
