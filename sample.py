@@ -22,10 +22,12 @@ codebook usage / entropy (VQ), all ranks combined.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
 from titok_lightning.lit.generator import generate_images
-from titok_lightning.lit.tokenizer import build_model, plain
+from titok_lightning.loading import load_pretrained, load_trained, plain
 from titok_lightning.metrics import (
     FeatureExtractor,
     FeatureStatistics,
@@ -82,20 +84,11 @@ def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer,
         raise ValueError("give exactly one of ckpt_path=<generator .ckpt of this project> or model=<official name>")
     text_encoder_spec = plain(cfg.text_encoder)
     if cfg.ckpt_path is not None:
-        from callbacks.ema import load_model_state_dict
-
-        checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)
-        hparams = checkpoint.get("hyper_parameters", {})
-        if "generator" not in hparams:
-            raise KeyError(f"{cfg.ckpt_path} was not written by a generator module of this project")
-        generator = build_model(hparams["generator"])
-        generator.load_state_dict(load_model_state_dict(cfg.ckpt_path, use_ema=cfg.use_ema))
+        generator, hparams = load_trained(cfg.ckpt_path, "generator", use_ema=cfg.use_ema)
         tokenizer_source = cfg.tokenizer if cfg.tokenizer is not None else hparams.get("tokenizer")
         text_encoder_spec = hparams.get("text_encoder", text_encoder_spec)
         name = f"{Path(cfg.ckpt_path).stem}"
     else:
-        from titok_lightning.hub import load_pretrained
-
         generator = load_pretrained(str(cfg.model), variant=cfg.model_variant)
         tokenizer_source = cfg.tokenizer or OFFICIAL_TOKENIZERS.get(str(cfg.model_variant or cfg.model))
         name = Path(str(cfg.model)).stem
@@ -198,20 +191,50 @@ def read_images(folder: Path, count: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(count)])
 
 
-def check_output_identity(output_dir: Path, identity: dict[str, Any]) -> None:
-    """Refuse to resume into a folder written by other settings (its images would be mixed into this run)."""
+def weights_fingerprint(*modules: nn.Module) -> str:
+    """Hash of every parameter and buffer of ``modules`` (names, dtypes, shapes, bytes): equal iff the weights are."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_output_identity(output_dir: Path, identity: dict[str, Any], overwrite: bool = False) -> None:
+    """Refuse to resume into a folder written by other settings or another model (its images would be mixed into,
+    or reported for, this one); with ``overwrite`` empty the folder instead and start afresh."""
     marker = output_dir / "sample_config.json"
     if marker.is_file():
         previous = json.loads(marker.read_text())
         if previous != identity:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise ValueError(
-                f"{output_dir} holds samples made with other settings ({', '.join(changed)} differ); choose another "
-                "output_dir or delete it"
-            )
-    else:
+            if not overwrite:
+                detail = ""
+                if "weights" in changed:
+                    steps = previous.get("checkpoint_step"), identity.get("checkpoint_step")
+                    detail = f" (the model's weights changed; checkpoint step {steps[0]} -> {steps[1]})"
+                raise ValueError(
+                    f"{output_dir} holds samples made with other settings or another model: {', '.join(changed)} "
+                    f"differ{detail}; pass overwrite=true to regenerate them, or choose another output_dir"
+                )
+            print(f"overwrite=true: {', '.join(changed)} changed; removing the old samples of {output_dir}")
+            for name in ("images", "samples.npz", "metrics.json", "sample_config.json"):
+                path = output_dir / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if not marker.is_file():
         output_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(identity, indent=1))
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """One-line errors for counts that would otherwise fail deep inside (or silently mean something else)."""
+    for key in ("num_per_class", "batch_size"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+    if cfg.num_classes is not None and (not isinstance(cfg.num_classes, int) or cfg.num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer or null (all classes), got {cfg.num_classes!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -431,6 +454,14 @@ def default_output_dir(cfg: DictConfig, name: str) -> Path:
     return Path(cfg.paths.log_dir) / "samples" / f"{name}-seed{cfg.seed}"
 
 
+def checkpoint_step(ckpt_path: str | None) -> int | None:
+    """The training step recorded in a Lightning checkpoint (for messages), None for other weight sources."""
+    if ckpt_path is None:
+        return None
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    return checkpoint.get("global_step")
+
+
 def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, Any]:
     """Generate every missing image, then (rank 0) write the npz and the metrics. Returns the metrics record."""
     generator, tokenizer, text_encoder, name = load_generation_models(cfg)
@@ -448,8 +479,11 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
             "aesthetic_score": cfg.aesthetic_score,
             "num_images": len(conditions),
             "use_ema": cfg.use_ema,
+            # a checkpoint at the same path trained further must not reuse the old images
+            "weights": weights_fingerprint(generator, tokenizer),
+            "checkpoint_step": checkpoint_step(cfg.ckpt_path),
         }
-        check_output_identity(output_dir, identity)
+        check_output_identity(output_dir, identity, overwrite=cfg.overwrite)
         folder.mkdir(parents=True, exist_ok=True)
     trainer.strategy.barrier()
     chunks = Chunks(conditions, cfg.batch_size, folder)
@@ -486,6 +520,7 @@ def run(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> d
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
     if cfg.mode not in ("generate", "reconstruct"):
         raise ValueError(f"mode must be generate or reconstruct, got {cfg.mode!r}")
+    check_numbers(cfg)
     with torch.no_grad():
         return (reconstruct if cfg.mode == "reconstruct" else generate)(cfg, feature_extractor)
 

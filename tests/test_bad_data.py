@@ -7,13 +7,20 @@ command line), at tiny sizes.
 from __future__ import annotations
 
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from datamodules.convert import convert_image_folder
 from datamodules.transforms import decode_image
+from tests.test_configs import ROOT
 
 
 def png_bytes(image: Image.Image, **save_args) -> bytes:
@@ -85,3 +92,108 @@ def test_converter_keeps_sixteen_bit_png_and_skips_float_tiff_by_name(tmp_path, 
 
     images = [np.asarray(decode_image(sample["png"])) for sample in wds.WebDataset(result.shards, shardshuffle=False)]
     assert [int(image.min()) for image in images] == [255, 255]  # 16-bit white stays white; transparent -> white
+
+
+# ------------------------------------------------------------------------------------------ training: NaN, config
+def run_command(args: list[str], cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_nonfinite_skip_stops_after_a_bound_and_says_each_skip(tmp_path):
+    from tests.test_train import tiny_overrides
+
+    # a learning rate of 1e30 sends the weights to ~1e30 after the first step: every later loss is NaN
+    diverging = ["model.optimizer.lr=1e30", "model.scheduler.warmup_steps=0"]
+    bound = ["model.nonfinite=skip", "model.nonfinite_max_consecutive=3"]
+    result = run_command(
+        [sys.executable, "train.py", *tiny_overrides("demo"), *diverging, *bound, "trainer.max_steps=30"]
+        + ["trainer.limit_val_batches=0", "report_baseline=false", f"hydra.run.dir={tmp_path}"]
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "non-finite gradient norm for the 'model' optimizer, step skipped (2 in a row, 2 in total" in output
+    assert "3 steps in a row with a non-finite gradient norm" in output
+    assert "model.nonfinite_max_consecutive" in output
+
+
+def test_sample_grid_class_ids_are_checked_at_start(tmp_path):
+    import hydra
+    from hydra.errors import InstantiationException
+    from omegaconf import OmegaConf, open_dict
+
+    from tests.test_configs import compose_train
+    from tests.test_generator_training import TINY_TOKENIZERS, tiny_generator_spec
+
+    cfg = compose_train(["experiment=demo_generator", "model.tokenizer=null", "model.sample_grid.class_ids=[0,99]"])
+    with open_dict(cfg):
+        OmegaConf.update(cfg, "model.tokenizer", TINY_TOKENIZERS["vq"], merge=False)
+        OmegaConf.update(cfg, "model.generator", tiny_generator_spec("MaskGITModule", "maskgit_titok_b64"), merge=False)
+        cfg.model.generator.num_classes = 10
+    with pytest.raises(
+        InstantiationException, match=r"class_ids \[99\] are outside the generator's 10 classes \(0..9\)"
+    ):
+        hydra.utils.instantiate(cfg.model)
+    cfg.model.sample_grid.class_ids = [0, 9]
+    hydra.utils.instantiate(cfg.model)  # in range: builds
+
+
+# ----------------------------------------------------------------------------------------------------- sample.py
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("num_per_class=-3", "num_per_class must be a positive integer, got -3"),
+        ("batch_size=0", "batch_size must be a positive integer, got 0"),
+        ("num_classes=0", "num_classes must be a positive integer or null"),
+    ],
+)
+def test_sample_numbers_are_checked_up_front(tmp_path, override, message):
+    import sample
+    from tests.test_generator_training import compose_sample
+
+    with pytest.raises(ValueError, match=message):
+        sample.run(compose_sample(["ckpt_path=/nonexistent.ckpt", override], tmp_path))
+
+
+def test_sample_command_refuses_zero_images_in_one_line(tmp_path):
+    result = run_command(
+        [sys.executable, "sample.py", "ckpt_path=/nonexistent.ckpt", "num_per_class=0", f"hydra.run.dir={tmp_path}"]
+    )
+    assert result.returncode != 0
+    assert "num_per_class must be a positive integer, got 0" in result.stderr
+
+
+def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int) -> Path:
+    """A MaskGIT checkpoint in the layout of this project's generator training, as if saved at ``step``."""
+    from tests.test_generator_training import tiny_generator_spec
+    from titok_lightning.lit.tokenizer import build_model
+
+    spec = {**tiny_generator_spec("MaskGITModule", "maskgit_titok_b64"), "num_classes": 10}
+    torch.manual_seed(seed)
+    state = {f"model.{k}": v for k, v in build_model(spec).state_dict().items()}
+    hparams = {"generator": spec, "tokenizer": str(tokenizer_ckpt)}
+    torch.save({"hyper_parameters": hparams, "state_dict": state, "global_step": step}, path)
+    return path
+
+
+def test_sample_rerun_after_the_checkpoint_trained_further_refuses_then_regenerates(tmp_path):
+    import sample
+    from tests.test_generator_training import compose_sample, tokenizer_checkpoint
+
+    tokenizer = tokenizer_checkpoint(tmp_path / "tokenizer.ckpt")
+    ckpt = generator_checkpoint(tmp_path / "last.ckpt", tokenizer, step=40, seed=0)
+    out = tmp_path / "samples"
+    overrides = [f"ckpt_path={ckpt}", f"output_dir={out}", "num_per_class=1", "batch_size=10", "metrics.enabled=false"]
+    overrides += ["trainer.accelerator=cpu", "++sampling.num_steps=2"]
+    sample.run(compose_sample(overrides, tmp_path / "h1"))
+    with np.load(out / "samples.npz") as data:
+        first = data["arr_0"]
+
+    generator_checkpoint(ckpt, tokenizer, step=80, seed=1)  # the run went on: same path, new weights
+    with pytest.raises(ValueError, match=r"weights differ \(the model's weights changed; checkpoint step 40 -> 80\)"):
+        sample.run(compose_sample(overrides, tmp_path / "h2"))
+    sample.run(compose_sample([*overrides, "overwrite=true"], tmp_path / "h3"))
+    with np.load(out / "samples.npz") as data:
+        assert data["arr_0"].shape == first.shape and not np.array_equal(data["arr_0"], first)
+    assert json.loads((out / "sample_config.json").read_text())["checkpoint_step"] == 80
+    sample.run(compose_sample(overrides, tmp_path / "h4"))  # same weights again: resumes (nothing to generate)

@@ -99,6 +99,9 @@ class TrainingModule(L.LightningModule):
             raise ValueError(f"accumulate_grad_batches must be >= 1, got {accumulate_grad_batches}")
         if "lr" not in optimizer:
             raise ValueError(f"optimizer settings need 'lr', got {dict(optimizer)}")
+        for key in ("lr", "discriminator_lr"):  # a typo on the command line (lr=abc) arrives as a string
+            if key in optimizer and (isinstance(optimizer[key], bool) or not isinstance(optimizer[key], int | float)):
+                raise ValueError(f"optimizer.{key} must be a number, got {optimizer[key]!r}")
         self.automatic_optimization = False
         self.optimizer_cfg = dict(optimizer)
         self.scheduler_cfg = dict(scheduler)

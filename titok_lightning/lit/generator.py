@@ -37,7 +37,7 @@ from torchvision.utils import make_grid, save_image
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, TokenizerSource, load_frozen_tokenizer
 from titok_lightning.lit.base import TrainingModule
-from titok_lightning.lit.tokenizer import build_model, plain
+from titok_lightning.loading import build_model, load_weights, plain
 from titok_lightning.losses import ARLoss, MLMLoss
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
@@ -140,23 +140,6 @@ def log_image_grid(trainer, grid: torch.Tensor, name: str, tag: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_generator_weights(model: nn.Module, path: str | os.PathLike) -> None:
-    """Initialise ``model`` from a generator checkpoint: a Lightning ``.ckpt`` of this project (EMA weights) or an
-    official / reference weight file (converted from the reference's key names). Loads strictly."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"init_from: no such file {path!r} (a generator .ckpt or an official weight file)")
-    if path.endswith(".ckpt"):
-        from callbacks.ema import load_model_state_dict
-
-        model.load_state_dict(load_model_state_dict(path))
-        return
-    from titok_lightning.convert import load_reference_state_dict
-    from titok_lightning.hub import load_state_dict_file
-
-    load_reference_state_dict(model, load_state_dict_file(Path(path)))
-
-
 class GeneratorModule(TrainingModule):
     """Shared part of the generator modules: model, frozen tokenizer, token fetching, sample grids.
 
@@ -171,7 +154,7 @@ class GeneratorModule(TrainingModule):
         sample_grid: ``{every_n_steps, class_ids | prompts, images_per_condition, seed}``; ``every_n_steps``
             null or 0 disables the grids.
         optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite, compile_modules, compile_backend,
-            compile_mode: see :class:`TrainingModule`.
+            compile_mode, nonfinite_max_consecutive: see :class:`TrainingModule`.
     """
 
     # generator constructor argument -> FrozenTokenizer attribute it must equal
@@ -192,6 +175,7 @@ class GeneratorModule(TrainingModule):
         compile_modules: Sequence[str] = (),
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        nonfinite_max_consecutive: int = 20,
     ):
         super().__init__(
             plain(optimizer),
@@ -202,6 +186,7 @@ class GeneratorModule(TrainingModule):
             plain(compile_modules),
             compile_backend,
             compile_mode,
+            nonfinite_max_consecutive,
         )
         tokenizer = _absolute_paths(plain(tokenizer))
         self.save_hyperparameters(logger=False)
@@ -213,9 +198,10 @@ class GeneratorModule(TrainingModule):
         if self.tokenizer is not None:
             self.freeze("tokenizer")
         if init_from is not None:
-            load_generator_weights(self.model, init_from)
+            load_weights(self.model, init_from)
         self.sampling = dict(plain(sampling) or {})
         self.sample_grid = dict(plain(sample_grid) or {})
+        self._check_sample_grid()
 
     # ---------------------------------------------------------------------------------------- token space
     def _complete_token_space(self, spec: dict[str, Any]) -> dict[str, Any]:
@@ -308,6 +294,22 @@ class GeneratorModule(TrainingModule):
             self.model.train(was_training)
         return make_grid(images.float().cpu(), nrow=len(condition), padding=2)
 
+    def _check_sample_grid(self) -> None:
+        """Fail at start-up, not at the first grid (step 5000 in the recipes), on settings the grid cannot use."""
+        every = self.sample_grid.get("every_n_steps") or 0
+        per_condition = self.sample_grid.get("images_per_condition", 1)
+        if every < 0 or per_condition < 1:
+            raise ValueError(
+                f"model.sample_grid: every_n_steps must be >= 0 and images_per_condition >= 1, got {every} and "
+                f"{per_condition}"
+            )
+        if self._grid_due():
+            self.check_grid_conditions()
+
+    def check_grid_conditions(self) -> None:
+        """Raise ValueError when the grid's class ids / prompts do not fit the generator; subclasses implement."""
+        raise NotImplementedError
+
     def _grid_due(self) -> bool:
         every = self.sample_grid.get("every_n_steps")
         return bool(every) and self.tokenizer is not None
@@ -330,9 +332,8 @@ class GeneratorModule(TrainingModule):
 
     @contextmanager
     def _ema_weights(self) -> Iterator[None]:
-        from callbacks.ema import EMACallback
-
-        ema = next((cb for cb in self.trainer.callbacks if isinstance(cb, EMACallback)), None)
+        # the EMA callback (callbacks/ sits above lit/: found by what it offers, not imported)
+        ema = next((cb for cb in self.trainer.callbacks if hasattr(cb, "swapped_in")), None)
         with ema.swapped_in() if ema is not None else nullcontext():
             yield
 
@@ -360,6 +361,15 @@ class ClassConditionalModule(GeneratorModule):
         if "class_id" not in batch:
             raise KeyError(f"class-conditional training needs batch['class_id'], got {sorted(batch)}")
         return batch["class_id"].long()
+
+    def check_grid_conditions(self) -> None:
+        num_classes = self.model.num_classes
+        outside = [i for i in self.sample_grid.get("class_ids") or [] if not 0 <= i < num_classes]
+        if outside:
+            raise ValueError(
+                f"model.sample_grid.class_ids {outside} are outside the generator's {num_classes} classes "
+                f"(0..{num_classes - 1})"
+            )
 
     def grid_conditions(self) -> torch.Tensor:
         default = list(range(min(self.model.num_classes, 10)))
@@ -450,11 +460,12 @@ class TextConditionalModule(GeneratorModule):
             aesthetic = batch["aesthetic_score"].float()
         return tokens, pooled, aesthetic
 
+    def check_grid_conditions(self) -> None:
+        if not self.sample_grid.get("prompts"):
+            raise ValueError("model.sample_grid.prompts is empty: give the captions of the sample grid")
+
     def grid_conditions(self) -> list[str]:
-        prompts = self.sample_grid.get("prompts")
-        if not prompts:
-            raise ValueError("sample_grid.prompts is empty: give the captions of the sample grid")
-        return list(prompts)
+        return list(self.sample_grid["prompts"])
 
     def generate(self, condition, seed):
         return generate_images(
@@ -520,5 +531,4 @@ __all__ = [
     "RARModule",
     "encode_captions",
     "generate_images",
-    "load_generator_weights",
 ]

@@ -15,7 +15,6 @@ reconstruction rounded to uint8 levels as the reference evaluator) plus ``"codes
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,100 +23,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from titok_lightning.lit.base import OptimizerRole, TrainingModule
+from titok_lightning.loading import build_model, load_spec, plain, read_weights
 from titok_lightning.losses import ReconstructionLoss, Stage1Loss
 from titok_lightning.models.discriminator import NLayerDiscriminator
-from titok_lightning.registry import create_model
 from titok_lightning.text_encoder import CLIPTextEncoder
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- builders
-def plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (checkpoints stay loadable with ``weights_only=True``)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra is a dependency
-        return value
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
-
-
-def build_model(spec: Mapping[str, Any]) -> nn.Module:
-    """``{"name": <registry variant>, **overrides}`` -> model with random weights."""
-    spec = dict(spec)
-    if "name" not in spec:
-        raise ValueError(f"a model spec needs the registry variant 'name', got {spec}")
-    return create_model(spec.pop("name"), **_tuples(spec))
-
-
-def build_pretrained(spec: Mapping[str, Any], what: str) -> nn.Module:
-    """``{"name", "pretrained": <source> or None, **overrides}`` -> frozen model in eval mode.
-
-    ``pretrained``: a local weight file (loaded strictly into ``name`` built with the overrides; reference or
-    this project's key names), or a registry name / Hugging Face repo for ``titok_lightning.hub.load_pretrained``.
-    ``None`` keeps random weights, which only makes sense in tests and the offline demo.
-    """
-    spec = dict(spec)
-    source = spec.pop("pretrained", None)
-    if source is None:
-        log.warning("%s %r has RANDOM weights (pretrained=null): fine for tests and the demo only", what, spec["name"])
-        return build_model(spec).eval()
-    if os.path.isfile(source):
-        from pathlib import Path
-
-        from titok_lightning.convert import load_reference_state_dict
-        from titok_lightning.hub import load_state_dict_file
-
-        model = build_model(spec)
-        load_reference_state_dict(model, load_state_dict_file(Path(source)))
-        return model.eval()
-    from titok_lightning.hub import load_pretrained
-
-    spec.pop("name", None)
-    return load_pretrained(source, **_tuples(spec)).eval()
-
-
-def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    # YAML has no tuples; model constructors compare sizes such as channel_mult as tuples.
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-
-
-def load_stage1_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Stage-1 TiTok weights from a Lightning checkpoint of this project (EMA weights when present) or an
-    official weight file (reference key names; converted by the model's loader)."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"init_from: no such file {path!r} (a stage-1 .ckpt or an official weight file)")
-    from titok_lightning.hub import load_state_dict_file
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True) if path.endswith(".ckpt") else None
-    if checkpoint is not None and "state_dict" in checkpoint and "hyper_parameters" in checkpoint:
-        from callbacks.ema import load_model_state_dict
-
-        return load_model_state_dict(path)
-    from pathlib import Path
-
-    return load_state_dict_file(Path(path))
-
-
-def load_tokenizer_from_checkpoint(path: str | os.PathLike, use_ema: bool = True) -> nn.Module:
-    """The trained tokenizer of a Lightning checkpoint written by these modules (EMA weights by default), in
-    eval mode. Consumers (pretokenization, sampling) use this instead of rebuilding the LightningModule."""
-    from callbacks.ema import load_model_state_dict
-
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    spec = checkpoint.get("hyper_parameters", {}).get("tokenizer")
-    if spec is None:
-        raise KeyError(f"{path} was not written by a tokenizer module of this project (no hyper_parameters.tokenizer)")
-    model = build_model(spec)
-    model.load_state_dict(load_model_state_dict(path, use_ema=use_ema))
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------------------ modules
@@ -127,7 +38,7 @@ class TokenizerModule(TrainingModule):
     Args:
         tokenizer: registry spec of the model to train, ``{"name": "titok_b64", **overrides}``.
         optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite, compile_modules, compile_backend,
-            compile_mode: see :class:`TrainingModule`.
+            compile_mode, nonfinite_max_consecutive: see :class:`TrainingModule`.
     """
 
     def __init__(
@@ -141,6 +52,7 @@ class TokenizerModule(TrainingModule):
         compile_modules: Sequence[str] = (),
         compile_backend: str = "inductor",
         compile_mode: str | None = None,
+        nonfinite_max_consecutive: int = 20,
     ):
         super().__init__(
             plain(optimizer),
@@ -151,6 +63,7 @@ class TokenizerModule(TrainingModule):
             plain(compile_modules),
             compile_backend,
             compile_mode,
+            nonfinite_max_consecutive,
         )
         self.save_hyperparameters(logger=False)
         self.model = build_model(plain(tokenizer))
@@ -195,7 +108,7 @@ class TiTokStage1Module(TokenizerModule):
 
     def __init__(self, tokenizer: Mapping[str, Any], teacher: Mapping[str, Any], loss: Mapping[str, Any], **kwargs):
         super().__init__(tokenizer, **kwargs)
-        self.teacher = build_pretrained(plain(teacher), "teacher")
+        self.teacher = load_spec(teacher, "teacher")
         self.freeze("teacher")
         self.loss = Stage1Loss(**plain(loss))
         _check_proxy_targets(self.model, self.teacher)
@@ -320,12 +233,12 @@ class TiTokStage2Module(PixelTokenizerModule):
         super().__init__(tokenizer, loss, **kwargs)
         if not getattr(self.model, "finetune_decoder", False):
             raise ValueError("stage 2 needs a tokenizer spec with finetune_decoder=True")
-        pixel_tokenizer = build_pretrained(plain(teacher), "pixel decoder source (teacher)")
+        pixel_tokenizer = load_spec(teacher, "pixel decoder source (teacher)")
         if init_from is None:
             log.warning("stage 2 without init_from: the TiTok encoder and decoder start from RANDOM weights")
             stage1 = {k: v for k, v in self.model.state_dict().items() if not k.startswith("pixel_")}
         else:
-            stage1 = load_stage1_weights(init_from)
+            stage1 = read_weights(init_from).state_dict
         from titok_lightning.models.titok import load_stage2_init
 
         load_stage2_init(self.model, stage1, pixel_tokenizer.state_dict())
