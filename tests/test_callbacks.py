@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch_fidelity.metric_isc import isc_features_to_metric
 
-from callbacks import EMACallback, ImageLoggerCallback, ReconstructionMetricsCallback, load_model_state_dict
+from callbacks import EMACallback, ImageLoggerCallback, ReconstructionMetricsCallback
 from titok_lightning import metrics
+from titok_lightning.loading import load_model_state_dict
 
 CODEBOOK_SIZE = 16
 

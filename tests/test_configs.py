@@ -14,9 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from titok_lightning.hub import constructor_defaults
 from titok_lightning.lit.sharding import FullyShardedStrategy
-from titok_lightning.lit.tokenizer import build_model
+from titok_lightning.loading import build_model, constructor_defaults
 from titok_lightning.registry import get_spec, model_kwargs
 from train import MissingSettingError, check_mandatory
 

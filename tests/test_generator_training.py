@@ -25,7 +25,7 @@ from datamodules.tokens import write_token_shards
 from tests.test_configs import CONF, MANIFESTS, ROOT, compose_train
 from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
 from titok_lightning.lit.generator import MaskGenKLModule, MaskGenVQModule, MaskGITModule, RARModule
-from titok_lightning.lit.tokenizer import build_model
+from titok_lightning.loading import build_model
 from titok_lightning.models.rar import RAR
 from titok_lightning.registry import model_kwargs
 from train import MissingSettingError, check_mandatory, train

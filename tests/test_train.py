@@ -14,10 +14,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from callbacks.ema import load_model_state_dict
 from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train
 from titok_lightning.lit.base import NonFiniteLossError
-from titok_lightning.lit.tokenizer import build_model, load_tokenizer_from_checkpoint
+from titok_lightning.loading import build_model, load_model_state_dict, load_pretrained
 from train import train
 
 TINY_VIT = {
@@ -154,7 +153,7 @@ def test_stage1_checkpoint_initialises_stage2(tmp_path, digits_cache):
     assert (Path(cfg1.paths.checkpoint_dir) / "config.yaml").is_file()
 
     stage1_ema = load_model_state_dict(ckpt)
-    restored = load_tokenizer_from_checkpoint(ckpt)
+    restored = load_pretrained(ckpt)
     for key, value in restored.state_dict().items():
         torch.testing.assert_close(value, stage1_ema[key], rtol=0, atol=0)
 

@@ -9,9 +9,9 @@ Generators, pretokenization and ``sample.py`` use any of the project's tokenizer
   MaskGen-KL samples its training latents;
 - TA-TiTok: decoding needs the caption's CLIP text features.
 
-:func:`load_frozen_tokenizer` builds one from a Lightning checkpoint of this project (its EMA weights), an
-official checkpoint (registry name, file or Hugging Face repo, see :func:`titok_lightning.hub.load_pretrained`),
-or a registry spec with random weights (tests and the offline demo only).
+:func:`load_frozen_tokenizer` builds one through :mod:`titok_lightning.loading`: from a Lightning checkpoint of this
+project (its EMA weights), an official checkpoint (registry name, file, folder or Hugging Face repo), or a registry
+spec with random weights (tests and the offline demo only).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from titok_lightning.loading import load_pretrained, load_spec
 from titok_lightning.models.maskgit_vqgan import MaskGITVQGAN
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution
 from titok_lightning.models.titok import TATiTok, TiTok
@@ -124,32 +125,12 @@ def load_frozen_tokenizer(source: TokenizerSource, use_ema: bool = True) -> Froz
     """Build a :class:`FrozenTokenizer`.
 
     Args:
-        source: a path to a Lightning ``.ckpt`` written by this project's tokenizer training (EMA weights unless
-            ``use_ema=False``); a registry name / weight file / Hugging Face repo of official weights; or a mapping
-            ``{"checkpoint": <.ckpt>}``, ``{"pretrained": <official source>, "name": <variant>, **overrides}`` or
+        source: any source of :func:`titok_lightning.loading.read_weights` (a Lightning ``.ckpt`` of this project's
+            tokenizer training, with its EMA weights unless ``use_ema=False``; a registry name, weight file, folder or
+            Hugging Face repo of official weights), or a spec of :func:`titok_lightning.loading.load_spec`:
+            ``{"checkpoint": <.ckpt>}``, ``{"pretrained": <source>, "name": <variant>, **overrides}`` or
             ``{"name": <variant>, "pretrained": None, **overrides}`` (random weights: tests and demos only).
     """
-    from titok_lightning.lit.tokenizer import build_pretrained, load_tokenizer_from_checkpoint, plain
-
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        source = {"checkpoint": path} if path.endswith(".ckpt") else {"pretrained": path}
-    spec = dict(plain(source))
-    if "checkpoint" in spec:
-        path = os.fspath(spec.pop("checkpoint"))
-        if spec:
-            raise ValueError(f"a tokenizer checkpoint takes no overrides, got {sorted(spec)}")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer checkpoint {path!r} does not exist")
-        return FrozenTokenizer(load_tokenizer_from_checkpoint(path, use_ema=use_ema))
-    if spec.get("pretrained") is not None:
-        from titok_lightning.hub import load_pretrained
-        from titok_lightning.registry import list_models
-
-        source, variant = os.fspath(spec.pop("pretrained")), spec.pop("name", None)
-        if source in list_models():
-            variant = None  # the registry name already says which variant
-        return FrozenTokenizer(load_pretrained(source, variant=variant, **spec))
-    if "name" not in spec:
-        raise ValueError(f"tokenizer spec needs 'checkpoint', 'pretrained' or a registry 'name', got {spec}")
-    return FrozenTokenizer(build_pretrained(spec, "tokenizer"))
+    if isinstance(source, Mapping):
+        return FrozenTokenizer(load_spec(source, "tokenizer", use_ema))
+    return FrozenTokenizer(load_pretrained(source, use_ema=use_ema))

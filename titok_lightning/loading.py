@@ -14,6 +14,8 @@
   ``config.json``, a registry variant, or the registry's model that fits the keys), :func:`load_spec` for the
   ``{"name", "pretrained", **overrides}`` specs of the configs (frozen teacher, frozen tokenizer) and
   :func:`load_weights` to initialise a built model (``init_from``).
+- Lightning checkpoint -> trained model: :func:`load_trained` (with the checkpoint's hyper-parameters), and
+  :func:`load_model_state_dict` for the weights alone. The LightningModule itself: ``<Module>.load_from_checkpoint``.
 
 Offline (``HF_HUB_OFFLINE=1``, or the hub cannot be reached), weights come from the Hugging Face cache only, and a
 missing file fails at once with :class:`PretrainedNotAvailableError`, whose one-line message names the repository,
@@ -254,14 +256,21 @@ class _Hub:
 @dataclass
 class Weights:
     """What a source holds. ``reference_format``: the reference's key names (converted on load) rather than this
-    project's. ``config``: the reference config (``config.json``), if any. ``spec``: the registry spec this
-    project's checkpoint was built from, if any. ``origin``: where they came from, for messages."""
+    project's. ``config``: the reference config (``config.json``), if any. ``hyper_parameters``: those of this
+    project's Lightning checkpoint (the registry spec of its model under ``"tokenizer"`` / ``"generator"``, and what
+    else it was trained with), if any. ``origin``: where they came from, for messages."""
 
     state_dict: dict[str, torch.Tensor]
     reference_format: bool
     origin: str
     config: dict[str, Any] | None = None
-    spec: dict[str, Any] | None = None
+    hyper_parameters: dict[str, Any] | None = None
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """The registry spec of the checkpoint's model, if it is one of this project's."""
+        hparams = self.hyper_parameters or {}
+        return next((dict(hparams[role]) for role in SPEC_ROLES if isinstance(hparams.get(role), Mapping)), None)
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -359,10 +368,8 @@ def read_weights(source: str | os.PathLike, use_ema: bool = True) -> Weights:
             return Weights(load_state_dict_file(weights), True, str(weights), _read_config(config_path))
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
         if is_project_checkpoint(checkpoint):
-            hparams = checkpoint["hyper_parameters"]
-            spec = next((hparams[role] for role in SPEC_ROLES if isinstance(hparams.get(role), Mapping)), None)
             state = checkpoint_model_state(checkpoint, use_ema, str(weights))
-            return Weights(state, False, str(weights), spec=None if spec is None else dict(spec))
+            return Weights(state, False, str(weights), hyper_parameters=dict(checkpoint["hyper_parameters"]))
         return Weights(_tensors(checkpoint, weights), True, str(weights), _read_config(config_path))
     parts = source.strip("/").split("/")
     # a missing local path must not turn into a download: .ckpt files and paths under an existing folder are local
@@ -473,13 +480,25 @@ def load_pretrained(
     return load_weights(_model_for_reference_weights(weights, spec, _tuples(overrides)), weights).eval()
 
 
-def load_spec(spec: Mapping[str, Any], what: str = "model") -> nn.Module:
+def load_trained(path: str | os.PathLike, role: str, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """A Lightning checkpoint of this project -> (its trained model, rebuilt from ``hyper_parameters[role]``, in eval
+    mode; the checkpoint's hyper-parameters: what else it was trained with). ``role``: ``"tokenizer"`` or
+    ``"generator"``; ``use_ema=False``: the training weights instead of the EMA."""
+    weights = read_weights(path, use_ema)
+    hparams = weights.hyper_parameters or {}
+    if not isinstance(hparams.get(role), Mapping):
+        raise KeyError(f"{path} was not written by a {role} module of this project (no hyper_parameters.{role})")
+    return load_weights(build_model(hparams[role]), weights).eval(), hparams
+
+
+def load_spec(spec: Mapping[str, Any], what: str = "model", use_ema: bool = True) -> nn.Module:
     """A model spec of the configs -> model in eval mode.
 
     ``{"name": <variant>, "pretrained": <source>, **overrides}``: the weights of ``source`` (any source of
     :func:`read_weights`; a registry name names its own variant) in ``name`` with the overrides;
     ``{"name": <variant>, "pretrained": None, **overrides}``: random weights (tests and the offline demo only,
-    warned); ``{"checkpoint": <.ckpt>}``: the model a training run of this project wrote.
+    warned); ``{"checkpoint": <.ckpt>}``: the model a training run of this project wrote. ``use_ema``: see
+    :func:`load_pretrained`.
     """
     spec = dict(plain(spec))
     if "checkpoint" in spec:
@@ -488,7 +507,7 @@ def load_spec(spec: Mapping[str, Any], what: str = "model") -> nn.Module:
             raise ValueError(f"a {what} checkpoint takes no overrides, got {sorted(spec)}")
         if not os.path.isfile(source):
             raise FileNotFoundError(f"{what} checkpoint {source!r} does not exist")
-        return load_pretrained(source)
+        return load_pretrained(source, use_ema=use_ema)
     if "name" not in spec and spec.get("pretrained") is None:
         raise ValueError(f"a {what} spec needs 'checkpoint', 'pretrained' or a registry 'name', got {spec}")
     source = spec.pop("pretrained", None)
@@ -497,4 +516,5 @@ def load_spec(spec: Mapping[str, Any], what: str = "model") -> nn.Module:
         return build_model(spec).eval()
     name = spec.pop("name", None)
     source = os.fspath(source)
-    return load_pretrained(source, variant=None if source in list_models() else name, **_tuples(spec))
+    variant = None if source in list_models() else name
+    return load_pretrained(source, variant=variant, use_ema=use_ema, **_tuples(spec))

@@ -1,8 +1,8 @@
 """Pieces shared by the class-conditional token generators (MaskGIT, RAR) and their samplers.
 
 - Token space: image codes ``[0, K)``, the mask id ``K``, class ``c`` as ``K + 1 + c`` and one null
-  class ``K + 1 + num_classes`` for classifier-free guidance; :class:`ClassConditionalGenerator` holds
-  it for the models.
+  class ``K + 1 + num_classes`` for classifier-free guidance;
+  :class:`~titok_lightning.models.class_conditional.ClassConditionalGenerator` holds it for the models.
 - Randomness: every sampler takes a ``torch.Generator`` (or an int seed) so that runs repeat exactly.
 - Schedules: the masking schedules (MaskGIT's arccos and others) and the power-cosine guidance
   schedule (MDT).
@@ -12,13 +12,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
-import torch.nn as nn
-
-from titok_lightning.convert import FromReferenceConfig
 
 T = TypeVar("T")
 
@@ -43,62 +39,6 @@ def class_condition_ids(
         drop = torch.rand(class_ids.shape, generator=generator, device=class_ids.device) < drop_prob
         condition = condition.masked_fill(drop, codebook_size + 1 + num_classes)
     return condition
-
-
-class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
-    """Token space, class conditioning, sampler settings and reference-config reading shared by the
-    class-conditional generators (MaskGIT, RAR).
-
-    ``sampling`` is a ``sampling_cls`` dataclass or a dict of its fields; ``reference_sampling_fields`` are
-    the fields read from the reference config's ``model.generator`` section when present.
-    """
-
-    sampling_cls: type
-    reference_sampling_fields: tuple[str, ...]
-
-    def __init__(
-        self,
-        codebook_size: int,
-        image_seq_len: int,
-        num_classes: int,
-        class_label_dropout: float,
-        sampling: Any,
-    ):
-        super().__init__()
-        self.codebook_size = codebook_size
-        self.image_seq_len = image_seq_len
-        self.num_classes = num_classes
-        self.class_label_dropout = class_label_dropout
-        self.mask_token_id = codebook_size
-        self.null_condition_id = codebook_size + 1 + num_classes
-        self.vocab_size = codebook_size + num_classes + 2
-        self.sampling = sampling if isinstance(sampling, self.sampling_cls) else self.sampling_cls(**(sampling or {}))
-
-    def preprocess_condition(
-        self, class_ids: torch.Tensor, cond_drop_prob: float = 0.0, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Class ids [B] -> condition token ids [B], replaced by the null class with ``cond_drop_prob``."""
-        return class_condition_ids(class_ids, self.codebook_size, self.num_classes, cond_drop_prob, generator)
-
-    def null_condition(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
-        return torch.full((batch_size,), self.null_condition_id, dtype=torch.long, device=device)
-
-    @classmethod
-    def kwargs_from_reference_config(cls, config: dict) -> dict[str, Any]:
-        """Constructor kwargs from the reference's nested config (its ``model.generator`` section)."""
-        gen = config["model"]["generator"]
-        sampling = cls.sampling_cls(**{name: gen[name] for name in cls.reference_sampling_fields if name in gen})
-        return dict(
-            codebook_size=config["model"]["vq_model"]["codebook_size"],
-            image_seq_len=gen["image_seq_len"],
-            num_classes=gen["condition_num_classes"],
-            class_label_dropout=gen.get("class_label_dropout", 0.1),
-            hidden_size=gen["hidden_size"],
-            num_layers=gen["num_hidden_layers"],
-            num_heads=gen["num_attention_heads"],
-            intermediate_size=gen["intermediate_size"],
-            sampling=asdict(sampling),
-        )
 
 
 # ----------------------------------------------------------------------------------------------------------

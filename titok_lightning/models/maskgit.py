@@ -18,9 +18,9 @@ import torch.nn as nn
 
 from titok_lightning.convert import drop_benign_extras, rename_keys
 from titok_lightning.models.blocks import Attention, Block, Mlp, init_trunc_normal
+from titok_lightning.models.class_conditional import ClassConditionalGenerator
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
-    ClassConditionalGenerator,
     masking_ratio,
     power_cosine_guidance,
     progress_bar,

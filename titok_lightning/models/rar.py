@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from titok_lightning.models.blocks import Attention, Mlp, init_trunc_normal, modulate
+from titok_lightning.models.class_conditional import ClassConditionalGenerator
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
-    ClassConditionalGenerator,
     power_cosine_guidance,
     progress_bar,
     resolve_generator,
