@@ -444,3 +444,58 @@ def test_training_trajectory_matches_reference(name, tmp_path):
         for field, value in section(tensors, f"derived/{i}").items():
             assert torch.equal(state["derived"][i][field].reshape(value.shape), value), f"derived/{i}/{field}"
     check_finals(fixture, tensors, module, state)
+
+
+def _fixture_case(name: str) -> str:
+    return json.loads((FIXTURE_DIR / f"{name}.json").read_text())["case"]
+
+
+@pytest.mark.parametrize("name", [n for n in FIXTURES if _fixture_case(n) != "train_titok_stage2"])
+def test_ddp_two_processes_match_reference(name, tmp_path):
+    """Two CPU processes, each with one half of every batch: the gradients are averaged over the ranks (the
+    reference's multi-GPU semantics), so the run follows the single-process trajectory. Losses are logged per rank
+    (means over that rank's half): their mean over the ranks is the batch's."""
+    fixture, tensors, module, states = run_fixture(name, tmp_path, "trainer=ddp_sim")
+    assert len(states) == 2
+    records = states[0]["records"]
+    for i, record in enumerate(records):
+        for key in fixture["per_step"][i]["losses"]:
+            record[f"train/{key}"] = sum(s["records"][i][f"train/{key}"] for s in states) / len(states)
+    check_step_values(fixture, records)
+    for i in range(fixture["steps"]):
+        for field, value in section(tensors, f"derived/{i}").items():
+            halves = torch.cat([s["derived"][i][field] for s in states])
+            assert torch.equal(halves.reshape(value.shape), value), f"derived/{i}/{field}"
+    for key, value in states[0]["model"].items():
+        assert torch.equal(states[1]["model"][key], value), f"ranks disagree on {key}"
+    check_finals(fixture, tensors, module, states[0])
+
+
+@pytest.mark.parametrize("name", [n for n in FIXTURES if _fixture_case(n) == "train_titok_stage2"])
+def test_stage2_lecam_running_means_follow_rank0_under_ddp(name, tmp_path):
+    """Rank-local state of the reference's stage 2 on several GPUs: the LeCam running means. Its loss module is
+    wrapped in DDP (``accelerator.prepare(model, loss_module, ...)``) with the default ``broadcast_buffers=True``, so
+    every forward first copies rank 0's buffers to all ranks; each rank then updates them with the means of its own
+    logits (they are never all-reduced). Lightning's DDP copies buffers only before the first manual-optimization
+    step, so the loss copies rank 0's means itself. Checked on every discriminator step: the LeCam loss of rank r uses
+    rank 0's buffers after step i - 1, and rank r's buffers after step i are those times the decay plus rank r's
+    logged mean logits times (1 - decay)."""
+    fixture, tensors, _, states = run_fixture(name, tmp_path, "trainer=ddp_sim")
+    losses = fixture["reference_config"]["losses"]
+    decay, weight, start = (
+        losses["lecam_ema_decay"],
+        losses["lecam_regularization_weight"],
+        losses["discriminator_start"],
+    )
+    init = [float(section(tensors, "init/lecam")[k]) for k in ("ema_real_logits_mean", "ema_fake_logits_mean")]
+    tol = {"atol": 1e-7, "rtol": 1e-5}
+    for i in range(start, fixture["steps"]):
+        prev_real, prev_fake = states[0]["lecam"][i - 1] if i > 0 else init
+        for rank, state in enumerate(states):
+            real, fake = state["records"][i]["train/logits_real"], state["records"][i]["train/logits_fake"]
+            lecam = weight * (max(real - prev_fake, 0.0) ** 2 + max(prev_real - fake, 0.0) ** 2)
+            assert_close(state["records"][i]["train/lecam_loss"], lecam, tol, f"rank {rank} step {i} lecam_loss")
+            expected = [prev_real * decay + real * (1 - decay), prev_fake * decay + fake * (1 - decay)]
+            for actual, value, what in zip(state["lecam"][i], expected, ("real", "fake")):
+                assert_close(actual, value, tol, f"rank {rank} step {i} LeCam ema_{what}")
+    assert states[0]["lecam"][-1] != states[1]["lecam"][-1], "LeCam running means were synchronised across ranks"

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -37,6 +38,18 @@ def lecam_loss(
     the discriminator's real and fake predictions from drifting apart from each other's history.
     """
     return F.relu(real_mean - ema_fake_mean).pow(2).mean() + F.relu(ema_real_mean - fake_mean).pow(2).mean()
+
+
+def copy_from_rank0(*buffers: torch.Tensor) -> None:
+    """Give every rank rank 0's values of ``buffers`` (no-op in a single process).
+
+    The reference's loss module is wrapped in DDP with ``broadcast_buffers=True``: each of its forward passes starts
+    from rank 0's LeCam running means, which every rank then updates with its own logits (never all-reduced). Under
+    Lightning's manual optimization DDP copies buffers only before the first step, so the loss does it itself.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buffer in buffers:
+            dist.broadcast(buffer, src=0)
 
 
 def _detached_logs(**terms: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -102,7 +115,8 @@ class ReconstructionLoss(nn.Module):
       discriminator is not run before. Gradients reach the reconstructions, never the discriminator.
     - ``mode="discriminator"``: ``factor * hinge(D(inputs), D(reconstructions))`` on detached images
       ``+ lecam_regularization_weight * LeCam``; updates the LeCam EMA buffers
-      (``ema_real_logits_mean`` / ``ema_fake_logits_mean``, persistent so they resume). Before
+      (``ema_real_logits_mean`` / ``ema_fake_logits_mean``, persistent so they resume; under DDP
+      each step starts from rank 0's, see :func:`copy_from_rank0`). Before
       ``discriminator_start`` it returns a zero loss without running the discriminator: callers
       should skip the discriminator step then (:meth:`should_train_discriminator`).
 
@@ -264,6 +278,7 @@ class ReconstructionLoss(nn.Module):
 
         lecam = zero
         if self.lecam_regularization_weight > 0:
+            copy_from_rank0(self.ema_real_logits_mean, self.ema_fake_logits_mean)
             real_mean, fake_mean = logits_real.mean(), logits_fake.mean()
             lecam = self.lecam_regularization_weight * lecam_loss(
                 real_mean, fake_mean, self.ema_real_logits_mean, self.ema_fake_logits_mean
