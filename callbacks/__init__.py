@@ -1,7 +1,8 @@
-"""Lightning callbacks: EMA of the trainable model, reconstruction metrics, image grids."""
+"""Lightning callbacks: EMA of the trainable model, reconstruction metrics, image grids, skipped-data counts."""
 
 from callbacks.ema import EMACallback
 from callbacks.image_logger import ImageLoggerCallback
 from callbacks.metrics import ReconstructionMetricsCallback
+from callbacks.skipped_samples import SkippedSamplesCallback
 
-__all__ = ["EMACallback", "ImageLoggerCallback", "ReconstructionMetricsCallback"]
+__all__ = ["EMACallback", "ImageLoggerCallback", "ReconstructionMetricsCallback", "SkippedSamplesCallback"]

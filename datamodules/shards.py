@@ -94,14 +94,20 @@ def count_samples(shards: Sequence[str]) -> int:
         if _is_remote(path):
             raise ValueError(f"cannot count the samples of remote shard {path!r}; set samples_per_epoch")
         previous_key = None
-        with tarfile.open(path) as tar:
-            for member in tar:
-                match = _KEY_AND_EXTENSION.match(member.name)
-                if not member.isreg() or match is None:
-                    continue
-                if match.group(1) != previous_key:
-                    total += 1
-                    previous_key = match.group(1)
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    match = _KEY_AND_EXTENSION.match(member.name)
+                    if not member.isreg() or match is None:
+                        continue
+                    if match.group(1) != previous_key:
+                        total += 1
+                        previous_key = match.group(1)
+        except (tarfile.TarError, EOFError) as error:
+            raise ValueError(
+                f"shard {path!r} is truncated or not a tar file ({error}); re-create it, leave it out of the shard "
+                "list, or set samples_per_epoch to train without counting"
+            ) from None
     return total
 
 
@@ -125,35 +131,73 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-class SkipCounter:
-    """Counts samples skipped as unreadable, summed over every DataLoader worker of one rank.
+SKIP_REASONS = (
+    "corrupt or truncated image",
+    "unsupported or bad value",
+    "missing entry",
+    "unreadable tar data",
+    "other",
+)
 
-    The total is a `multiprocessing.Value` created in the rank's main process (in `setup()`); DataLoader
-    workers inherit it (fork or spawn), so `value` read in the training process includes every worker.
-    Ranks have separate counters: all-reduce with a sum for a global number. A tar that cannot be read
-    further counts once (its remaining samples are unknown). `max_consecutive` failures in a row in one
-    worker raise instead: that is a systematic problem (wrong format, a bug), not a few bad files.
+
+def skip_reason(error: BaseException, in_tar: bool = False) -> int:
+    """Index in SKIP_REASONS of a failure (tar-level errors come from the reader's handler)."""
+    if in_tar:
+        return 3
+    if isinstance(error, (OSError, SyntaxError, EOFError)):  # PIL raises these (and UnidentifiedImageError)
+        return 0
+    if isinstance(error, (ValueError, TypeError)):
+        return 1
+    return 2 if isinstance(error, KeyError) else 4
+
+
+class SkipCounter:
+    """Counts samples skipped as unreadable by source file and reason, summed over every DataLoader worker of a rank.
+
+    The counts are a `multiprocessing.Array` ([file, reason], one extra row for errors whose file is unknown) created
+    in the rank's main process (in `setup()`); DataLoader workers inherit it (fork or spawn), so `counts` read in the
+    training process includes every worker. Ranks have separate counters: all-reduce with a sum for a global number.
+    A tar that cannot be read further counts once (its remaining samples are unknown). `max_consecutive` failures in
+    a row in one worker raise instead: that is a systematic problem (wrong format, a bug), not a few bad files.
     """
 
-    def __init__(self, max_consecutive: int = 100):
-        self._total = multiprocessing.Value("q", 0)
+    def __init__(self, max_consecutive: int = 100, sources: Sequence[str] = ()):
+        self.sources = list(sources)
+        self._row = {url: row for row, url in enumerate(self.sources)}
+        self._counts = multiprocessing.Array("q", (len(self.sources) + 1) * len(SKIP_REASONS))
         self.max_consecutive = max_consecutive
         self._consecutive = 0  # per process: each worker holds its own copy
 
+    def counts(self) -> np.ndarray:
+        """int64 [len(sources) + 1, len(SKIP_REASONS)]: skipped samples per source file (last row: unknown file)."""
+        with self._counts.get_lock():
+            flat = np.frombuffer(self._counts.get_obj(), dtype=np.int64).copy()
+        return flat.reshape(len(self.sources) + 1, len(SKIP_REASONS))
+
     @property
     def value(self) -> int:
-        return int(self._total.value)
+        return int(self.counts().sum())
 
     def reset(self) -> None:
-        with self._total.get_lock():
-            self._total.value = 0
+        with self._counts.get_lock():
+            self._counts[:] = [0] * len(self._counts)
 
     def record_success(self) -> None:
         self._consecutive = 0
 
-    def record_failure(self, error: BaseException, where: str) -> None:
-        with self._total.get_lock():
-            self._total.value += 1
+    def _source_row(self, url: Any, error: BaseException) -> int:
+        if url in self._row:
+            return self._row[url]
+        for arg in error.args:  # webdataset appends the url (or a text holding it) to tar-level errors
+            if isinstance(arg, str) and arg in self._row:
+                return self._row[arg]
+        text = " ".join(str(arg) for arg in error.args)
+        return next((row for row, source in enumerate(self.sources) if source in text), len(self.sources))
+
+    def record_failure(self, error: BaseException, where: str, url: Any = None, in_tar: bool = False) -> None:
+        cell = self._source_row(url, error) * len(SKIP_REASONS) + skip_reason(error, in_tar)
+        with self._counts.get_lock():
+            self._counts[cell] += 1
         self._consecutive += 1
         log.warning("skipping unreadable %s: %s: %s", where, type(error).__name__, error)
         if self._consecutive >= self.max_consecutive:
@@ -164,8 +208,24 @@ class SkipCounter:
 
     def __call__(self, error: BaseException) -> bool:
         """webdataset handler for tar-level errors: count, warn, continue."""
-        self.record_failure(error, "tar data")
+        self.record_failure(error, "tar data", in_tar=True)
         return True
+
+
+def skip_summary(counts: np.ndarray, sources: Sequence[str], max_files: int = 10) -> str:
+    """Human-readable summary of `SkipCounter.counts()` (possibly summed over ranks): total, reasons, worst files."""
+    total = int(counts.sum())
+    if total == 0:
+        return "skipped samples: none"
+    reasons = ", ".join(f"{int(n)} {SKIP_REASONS[i]}" for i, n in enumerate(counts.sum(0)) if n)
+    names = [*sources, "<unknown file>"]
+    per_file = counts.sum(1)
+    worst = [int(row) for row in np.argsort(-per_file, kind="stable") if per_file[row]][:max_files]
+    files = "; ".join(f"{names[row]}: {int(per_file[row])}" for row in worst)
+    more = len(np.flatnonzero(per_file)) - len(worst)
+    return f"skipped {total} unreadable samples ({reasons}); by file: {files}" + (
+        f"; {more} more files" if more else ""
+    )
 
 
 class SkippingMap:
@@ -181,7 +241,7 @@ class SkippingMap:
                 decoded = self.decode(sample)
             except Exception as error:  # any decode failure is a bad sample; SkipCounter catches systematic ones
                 where = f"sample {sample.get('__key__')!r} of {sample.get('__url__')!r}"
-                self.counter.record_failure(error, where)
+                self.counter.record_failure(error, where, sample.get("__url__"))
                 continue
             self.counter.record_success()
             if decoded is not None:
@@ -285,7 +345,8 @@ class ShardedDataModule(L.LightningDataModule):
     (`PartitionedSamples`), last batch partial. Ranks may get different batch counts, so metrics should
     be reduced at epoch end (torchmetrics / `sync_dist`), not with per-step collectives.
 
-    Unreadable samples are skipped, logged and counted: `skipped_samples` (this rank, all workers).
+    Unreadable samples are skipped, logged and counted by file and reason: `skip_counter` (this rank, all workers;
+    `callbacks.SkippedSamplesCallback` logs the total and prints a summary at the end of training).
     """
 
     def __init__(
@@ -362,8 +423,6 @@ class ShardedDataModule(L.LightningDataModule):
         """Resolve shards (clear error when missing), rank/world size and the per-rank batch count."""
         name = type(self).__name__
         self.rank, self.world_size = self._distributed_context()
-        if self.skip_counter is None:
-            self.skip_counter = SkipCounter(self.max_consecutive_skips)
         has_train = self.train_shards is not None or self._has_other_train_source()
         if stage == "fit" and not has_train:
             raise ValueError(f"{name}: stage 'fit' needs train_shards")
@@ -380,6 +439,8 @@ class ShardedDataModule(L.LightningDataModule):
             self.train_batches_per_rank = self._batches_per_rank(num_samples)
         if self.val_shards is not None and stage in (None, "fit", "validate", "test"):
             self.val_urls = resolve_shards(self.val_shards, f"{name}.val_shards")
+        if self.skip_counter is None:  # once: the DataLoader workers of every loader share it
+            self.skip_counter = SkipCounter(self.max_consecutive_skips, [*self.train_urls, *self.val_urls])
 
     def _has_other_train_source(self) -> bool:
         return False

@@ -197,3 +197,58 @@ def test_sample_rerun_after_the_checkpoint_trained_further_refuses_then_regenera
         assert data["arr_0"].shape == first.shape and not np.array_equal(data["arr_0"], first)
     assert json.loads((out / "sample_config.json").read_text())["checkpoint_step"] == 80
     sample.run(compose_sample(overrides, tmp_path / "h4"))  # same weights again: resumes (nothing to generate)
+
+
+# ------------------------------------------------------------------------------------------------ training data
+def jpeg_shards(folder: Path, broken: set[int], count: int = 32) -> list[str]:
+    """Two shards of 32x32 JPEGs; the samples in ``broken`` are cut after 40 bytes (a truncated download)."""
+    from datamodules.convert import write_shards
+
+    rng = np.random.default_rng(0)
+
+    def jpeg(index: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+        return buffer.getvalue()[:40] if index in broken else buffer.getvalue()
+
+    samples = ({"__key__": f"{i:05d}", "jpg": jpeg(i), "cls": str(i % 10)} for i in range(count))
+    return write_shards(samples, str(folder / "train-%06d.tar"), maxcount=count // 2, progress=False)
+
+
+def test_broken_jpegs_in_training_shards_are_a_logged_count_and_a_summary(tmp_path):
+    from tests.test_train import tiny_overrides
+
+    shards = jpeg_shards(tmp_path / "shards", broken={3, 11, 19})  # two in the first shard, one in the second
+    data = ["data=imagenet", f"data.train_shards={tmp_path / 'shards'}", "data.val_shards=null", "data.image_size=32"]
+    data += ["data.resize_shorter_edge=32", "data.samples_per_epoch=null", "data.num_workers=1", "data.batch_size=4"]
+    run = tmp_path / "run"
+    result = run_command(
+        [sys.executable, "train.py", *[o for o in tiny_overrides("demo") if not o.startswith("data")], *data]
+        + ["trainer.max_steps=12"]
+        + ["trainer.log_every_n_steps=2", "report_baseline=false", f"hydra.run.dir={run}"]
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    warned = output.count("skipping unreadable sample")  # one warning line per skipped sample, from the worker
+    assert warned > 0
+    summary = next(line for line in output.splitlines() if line.startswith("data (all ranks): skipped"))
+    assert f"skipped {warned} unreadable samples ({warned} corrupt or truncated image)" in summary
+    record = json.loads((run / "csv" / "skipped_samples.json").read_text())
+    assert record["skipped_samples"] == warned and set(record["by_file"]) <= set(shards)
+    assert record["by_file"][shards[0]] == output.count(f"of '{shards[0]}'")
+    import csv
+
+    with open(run / "csv" / "metrics.csv") as file:
+        logged = [float(row["train/skipped_samples"]) for row in csv.DictReader(file) if row["train/skipped_samples"]]
+    assert logged == sorted(logged) and 0 < logged[-1] <= warned
+
+
+def test_truncated_shard_while_counting_samples_is_named(tmp_path):
+    from datamodules import ImageDataModule
+
+    shards = jpeg_shards(tmp_path, broken=set())
+    with open(shards[1], "r+b") as file:
+        file.truncate(6000)  # a copy that stopped half-way
+    datamodule = ImageDataModule(train_shards=str(tmp_path), image_size=32, num_workers=0)
+    with pytest.raises(ValueError, match=rf"shard '{shards[1]}' is truncated or not a tar file .*samples_per_epoch"):
+        datamodule.setup("fit")

@@ -1,0 +1,68 @@
+"""Unreadable training data as numbers: the datamodule's skip counts in the logs and a summary at the end of fit."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+class SkippedSamplesCallback(Callback):
+    """Logs ``train/skipped_samples`` (samples skipped as unreadable so far, summed over ranks, every
+    ``trainer.log_every_n_steps`` batches) and, when training ends, prints how many were skipped, why and from which
+    files, and writes the same to ``<log dir>/skipped_samples.json``.
+
+    Reads the ``skip_counter`` of the datamodule (``datamodules.shards.ShardedDataModule``); does nothing for
+    datamodules without one (e.g. the embedded digits). When training stops on an exception, this rank's summary is
+    printed (no collective: the other ranks may be gone).
+    """
+
+    @staticmethod
+    def _counter(trainer: pl.Trainer):
+        return getattr(trainer.datamodule, "skip_counter", None)
+
+    def _total_counts(self, trainer: pl.Trainer, counter) -> torch.Tensor:
+        counts = torch.from_numpy(counter.counts()).to(trainer.strategy.root_device)
+        return trainer.strategy.reduce(counts, reduce_op="sum").cpu()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
+        counter = self._counter(trainer)
+        if counter is None or batch_idx % trainer.log_every_n_steps:  # every rank runs the same batch indices
+            return
+        total = torch.tensor(float(counter.value), device=pl_module.device)
+        pl_module.log("train/skipped_samples", total, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        counter = self._counter(trainer)
+        if counter is None:
+            return
+        counts = self._total_counts(trainer, counter).numpy()
+        if trainer.is_global_zero:
+            self._report(trainer, counter, counts, "all ranks")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        counter = self._counter(trainer)
+        if counter is not None and counter.value:
+            self._report(trainer, counter, counter.counts(), f"rank {trainer.global_rank}, training stopped")
+
+    @staticmethod
+    def _report(trainer: pl.Trainer, counter, counts, scope: str) -> None:
+        from datamodules.shards import SKIP_REASONS, skip_summary
+
+        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        print(f"data ({scope}): {skip_summary(counts, counter.sources)} (details: {folder / 'skipped_samples.json'})")
+        names = [*counter.sources, "<unknown file>"]
+        record = {
+            "skipped_samples": int(counts.sum()),
+            "by_reason": {reason: int(n) for reason, n in zip(SKIP_REASONS, counts.sum(0)) if n},
+            "by_file": {names[row]: int(n) for row, n in enumerate(counts.sum(1)) if n},
+            "scope": scope,
+        }
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "skipped_samples.json").write_text(json.dumps(record, indent=1))
