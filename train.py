@@ -19,7 +19,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shlex
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Spinning OpenMP threads slow CPU training ~25x as soon as another process competes for the cores (measured on
 # the 2-core demo machine); sleeping waiters cost little. Must be set before torch starts its thread pool.
@@ -31,9 +36,12 @@ from typing import Any  # noqa: E402
 import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.errors import HydraException, InstantiationException  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -47,21 +55,76 @@ class MissingSettingError(ValueError):
     """A mandatory setting (``???`` in the config, e.g. a data path) was not given."""
 
 
+# Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
+USER_ERRORS = (MissingSettingError, HydraException, OmegaConfBaseException, FileNotFoundError)
+# the user's HYDRA_FULL_ERROR, kept by cli() while it asks Hydra to re-raise composition errors
+_user_full_error: str | None = os.environ.get("HYDRA_FULL_ERROR")
+
+
 def job_config(cfg: DictConfig) -> DictConfig:
     """``cfg`` without the ``hydra`` node (present when composed with the compose API, e.g. in tests)."""
     return OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]) if "hydra" in cfg else cfg
 
 
+def example_setting(key: str) -> str:
+    """``key=<example>`` quoted so that both the shell and Hydra's override parser accept it when pasted."""
+    name = key.rsplit(".", 1)[-1]
+    if name.endswith("_shards"):  # a brace pattern: Hydra needs it quoted, the shell needs that quote kept
+        split = name.removesuffix("_shards")
+        return f"\"{key}='/path/to/{split}-{{0000..0099}}.tar'\""
+    return f"{key}=/path/to/{name.removesuffix('_jsonl')}.{'jsonl' if name.endswith('_jsonl') else 'ckpt'}"
+
+
 def check_mandatory(cfg: DictConfig) -> None:
-    """Raise one clear error listing every ``???`` setting left unset (data paths, init checkpoints)."""
+    """Raise one clear error listing every ``???`` setting left unset (data paths, init checkpoints), with a
+    command to paste: the overrides given so far plus an example of each missing setting."""
     missing = sorted(OmegaConf.missing_keys(job_config(cfg)))
     if missing:
-        examples = " ".join(f"{key}=<value>" for key in missing)
-        raise MissingSettingError(
-            f"mandatory settings are not set: {', '.join(missing)}. Give them on the command line, e.g.\n"
-            f"  python train.py <your overrides> {examples}\n"
-            "(data paths accept brace patterns such as /data/imagenet/train-{0000..0252}.tar, globs or folders)"
-        )
+        given = [shlex.quote(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
+        command = " ".join(["python train.py", *given, *map(example_setting, missing)])
+        raise MissingSettingError(f"mandatory settings are not set: {', '.join(missing)}; e.g. {command}")
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: Hydra's multi-line reports folded (option lists joined), instantiation errors by cause."""
+    if isinstance(error, InstantiationException) and error.__cause__ is not None:
+        where = re.search(r"full_key: (\S+)", str(error))
+        return (f"{where.group(1)}: " if where else "") + one_line(error.__cause__)
+    parts: list[str] = []
+    for line in str(error).split("\n"):
+        if line.startswith("Config search path:"):
+            break
+        if line.startswith("\t") and parts:  # Hydra lists options one per tab-indented line
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+        elif line.strip():
+            parts.append(line.strip())
+    text = ""
+    for part in parts:  # sentences follow with a space, other lines with "; "
+        text += (" " if text.endswith((".", ":")) else "; ") + part if text else part
+    return text
+
+
+@contextmanager
+def user_errors_in_one_line() -> Iterator[None]:
+    """``USER_ERRORS`` end the program with one line on stderr, unless HYDRA_FULL_ERROR=1."""
+    try:
+        yield
+    except USER_ERRORS as error:
+        if _user_full_error == "1":
+            raise
+        sys.exit(f"train.py: error: {one_line(error)}")  # SystemExit: Hydra adds no report
+
+
+def route_lightning_logs() -> None:
+    """Lightning, imported before Hydra configured logging, logs to its own console handler only; give its loggers
+    the root logger's file handlers too, so that train.log holds Lightning's messages next to the project's."""
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if not logger.propagate:
+            for handler in files:
+                if handler not in logger.handlers:
+                    logger.addHandler(handler)
 
 
 def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
@@ -136,6 +199,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
+    # the composed config reaches the loggers (W&B run config, TensorBoard hparams, CSV hparams.yaml); the
+    # modules' own save_hyperparameters(logger=False) would show only their constructor arguments
+    hyperparameters = OmegaConf.to_container(job_config(cfg), resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(hyperparameters)
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     save_config(cfg)
 
@@ -154,11 +222,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    # the composed job runs with the user's setting (DDP ranks and launched jobs inherit the environment)
+    if _user_full_error is None:
+        os.environ.pop("HYDRA_FULL_ERROR", None)
+    else:
+        os.environ["HYDRA_FULL_ERROR"] = _user_full_error
+    route_lightning_logs()
+    with user_errors_in_one_line():
+        metrics = train(cfg)
     # a single number for Hydra sweepers (e.g. Optuna): the held-out reconstruction MSE when available
     value = metrics.get("val/mse", metrics.get("val_mse"))
     return None if value is None else float(value)
 
 
+def cli() -> None:
+    """``main`` with errors in the command line or the config shown as one line; HYDRA_FULL_ERROR=1 shows all."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors: Hydra re-raises them instead of its own report
+    with user_errors_in_one_line():
+        main()
+
+
 if __name__ == "__main__":
-    main()
+    cli()

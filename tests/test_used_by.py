@@ -1,0 +1,257 @@
+"""The ways the project is used, run as a user types them: Hydra launchers (submitit local, SLURM submission
+script), ``<Module>.load_from_checkpoint`` and ``Trainer.validate/test(ckpt_path=...)`` for every LightningModule on
+checkpoints written by train.py."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+import titok_lightning.lit.generator as lit_generator
+import titok_lightning.lit.tokenizer as lit_tokenizer
+from tests import test_generator_training as generators
+from tests.test_configs import CONF, ROOT
+from tests.test_generator_training import tiny_data  # noqa: F401 (fixture)
+from tests.test_train import digits_cache, run, tiny_overrides  # noqa: F401 (fixture)
+
+
+def train_py(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python train.py <args>`` started from ``cwd`` (outputs/ goes there)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    env.pop("PROJECT_ROOT", None)
+    command = [sys.executable, str(ROOT / "train.py"), *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------- launchers
+def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, digits_cache):  # noqa: F811
+    result = train_py(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "model.optimizer.lr=1e-4,2e-4",
+        *tiny_overrides("demo"),
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        f"data.cache_dir={digits_cache}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "outputs" / "demo" / "multiruns").iterdir()
+    for job, lr in (("0", 1e-4), ("1", 2e-4)):
+        assert OmegaConf.load(sweep / job / "checkpoints" / "config.yaml").model.optimizer.lr == lr
+        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    logs = [p.read_text() for p in (sweep / ".submitit").rglob("*_log.out")]
+    assert len(logs) == 2 and all("Job completed successfully" in text for text in logs)
+
+
+def test_slurm_launcher_config_is_a_complete_submission(tmp_path, monkeypatch):
+    """The README's SLURM command with ``--cfg all --resolve``; submitit turns its launcher node into the sbatch
+    script (a fake ``srun`` on PATH: submitit only checks that it exists)."""
+    submitit = pytest.importorskip("submitit")
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    result = train_py(
+        "hydra/launcher=slurm",
+        "trainer=slurm",
+        "experiment=titok_b64",
+        "hydra.launcher.nodes=2",
+        "hydra.launcher.gpus_per_node=4",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=4320",
+        "data.train_shards=/data/train",
+        "data.val_shards=/data/val",
+        "--cfg",
+        "all",
+        "--resolve",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    cfg = yaml.safe_load(result.stdout)
+    assert (cfg["trainer"]["devices"], cfg["trainer"]["num_nodes"]) == (4, 2)
+    params = dict(cfg["hydra"]["launcher"])
+    assert params.pop("_target_") == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert params["submitit_folder"].startswith("./outputs/titok_b64/multiruns/")
+
+    # what hydra-submitit-launcher does with these parameters before it submits
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\n")
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / params.pop("submitit_folder")
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = executor._executor._make_submission_file_text("python train.py", "0")
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--signal=USR2@120", "--time=4320"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "#SBATCH --partition=gpu\n" in script
+
+
+# ----------------------------------------------------------------------------------- load_from_checkpoint
+TOKENIZER_EXPERIMENTS = {
+    "PixelTokenizerModule": "demo",
+    "TiTokStage1Module": "titok_s128",
+    "TiTokStage2Module": "titok_s128_stage2",
+    "TATiTokModule": "tatitok_bl32_vq",
+}
+GENERATOR_EXPERIMENTS = {
+    "MaskGITModule": "maskgit_titok_b64",
+    "RARModule": "rar_b",
+    "MaskGenVQModule": "maskgen_vq_l_stage1",
+    "MaskGenKLModule": "maskgen_kl_l_stage1",
+}
+ONE_STEP = ["trainer.max_steps=1", "trainer.limit_val_batches=0", "report_baseline=false"]
+
+
+def test_every_lightning_module_is_covered():
+    targets = {OmegaConf.load(path)._target_.rsplit(".", 1)[-1] for path in (CONF / "model").glob("*.yaml")}
+    assert targets == set(TOKENIZER_EXPERIMENTS) | set(GENERATOR_EXPERIMENTS)
+    classes = {
+        name: cls
+        for module in (lit_tokenizer, lit_generator)
+        for name, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, L.LightningModule) and cls.__module__ == module.__name__
+    }
+    assert targets <= classes.keys()
+    for name in classes.keys() - targets:  # the others are base classes of the trained ones
+        assert any(issubclass(classes[target], classes[name]) for target in targets), name
+
+
+def train_one_step(module_name: str, tmp_path: Path, digits_cache: str, tiny_data: dict):  # noqa: F811
+    """A checkpoint written by train.py's train() for the experiment that trains ``module_name``, at tiny size."""
+    if module_name in TOKENIZER_EXPERIMENTS:
+        cfg, _ = run([*tiny_overrides(TOKENIZER_EXPERIMENTS[module_name]), *ONE_STEP], tmp_path, digits_cache)
+    else:
+        experiment = GENERATOR_EXPERIMENTS[module_name]
+        edits = generators.tiny_overrides(experiment, tiny_data, tmp_path)
+        cfg, _ = generators.run_experiment(experiment, edits, tmp_path, tuple(ONE_STEP))
+    return cfg, Path(cfg.paths.checkpoint_dir) / "last.ckpt"
+
+
+@pytest.mark.parametrize("module_name", [*TOKENIZER_EXPERIMENTS, *GENERATOR_EXPERIMENTS])
+def test_load_from_checkpoint_without_a_trainer(module_name, tmp_path, digits_cache, tiny_data):  # noqa: F811
+    cfg, ckpt = train_one_step(module_name, tmp_path, digits_cache, tiny_data)
+    cls = hydra.utils.get_class(cfg.model._target_)
+    assert cls.__name__ == module_name
+    loaded = cls.load_from_checkpoint(ckpt, map_location="cpu")
+    assert type(loaded) is cls and loaded._trainer is None
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    state = loaded.state_dict()
+    # every saved tensor (the EMA weights of the trained network, discriminator, buffers) comes back as saved;
+    # what the file leaves out is the frozen helpers, rebuilt from their own source
+    assert saved.keys() <= state.keys()
+    assert all(key.startswith(loaded.frozen_prefixes()) for key in state.keys() - saved.keys())
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_cache):  # noqa: F811
+    cfg, ckpt = train_one_step("PixelTokenizerModule", tmp_path, digits_cache, {})
+    datamodule = hydra.utils.instantiate(cfg.data)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, limit_val_batches=2, limit_test_batches=2
+    )
+    expected = trainer.validate(lit_tokenizer.PixelTokenizerModule.load_from_checkpoint(ckpt), datamodule=datamodule)
+    fresh = hydra.utils.instantiate(cfg.model)  # random weights until the checkpoint is loaded
+    (validated,) = trainer.validate(fresh, datamodule=datamodule, ckpt_path=ckpt)
+    assert validated["val/mse"] == expected[0]["val/mse"]
+    (tested,) = trainer.test(hydra.utils.instantiate(cfg.model), datamodule=datamodule, ckpt_path=ckpt)
+    assert tested["test/mse"] == expected[0]["val/mse"]  # the test loop reads the same held-out digits
+
+    # and as typed: train.py evaluating a checkpoint without training
+    result = train_py(
+        *tiny_overrides("demo"),
+        f"data.cache_dir={digits_cache}",
+        "train=false",
+        "test=true",
+        f"ckpt_path={ckpt}",
+        "+trainer.limit_test_batches=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "test/mse" in result.stdout
+
+
+# ----------------------------------------------------------------------------------- what a run folder holds
+def test_run_folder_log_and_loggers_hold_the_composed_config(tmp_path, digits_cache):  # noqa: F811
+    result = train_py(
+        *tiny_overrides("demo"),
+        "logger=many_loggers",
+        "model.optimizer.lr=0.0007",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=1",
+        f"data.cache_dir={digits_cache}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
+    log = (run_dir / "train.log").read_text()
+    assert "[lightning.pytorch.utilities.rank_zero][INFO] - GPU available: False" in log  # Lightning's
+    assert "DigitsDataModule: counted 1497 training samples" in log  # the project's
+    for hparams in (run_dir / "csv" / "hparams.yaml", run_dir / "tensorboard" / "hparams.yaml"):
+        saved = OmegaConf.load(hparams)
+        assert saved.model.optimizer.lr == 0.0007 and saved.trainer.max_steps == 2, hparams
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    session = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+    assert session.hparams["model/optimizer/lr"].number_value == 0.0007
+    (wandb_log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert b"discriminator_lr" in wandb_log.read_bytes()  # the run config, in W&B's offline record file
+
+
+# ------------------------------------------------------------------------------------------ bad overrides
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    """stderr's last line, checked to be the only one besides Lightning's "Seed set to ..." and no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("Seed set to")), result.stderr[-2000:]
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.optimizer.lr=abc", "train.py: error: model: optimizer.lr must be a number, got 'abc'"),
+        ("experiment=nope", "train.py: error: In 'train': Could not find 'experiment/nope'; Available options in"),
+    ],
+)
+def test_bad_overrides_end_with_one_clear_line(override, message, tmp_path):
+    assert one_error_line(train_py(override, "trainer.max_steps=1", cwd=tmp_path)).startswith(message)
+
+
+def test_hydra_full_error_still_shows_the_traceback(tmp_path):
+    result = train_py("model.optimizer.lr=abc", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+
+
+def test_missing_data_path_is_one_line_with_a_command_that_works_when_pasted(tmp_path):
+    line = one_error_line(train_py("experiment=titok_b64", cwd=tmp_path))
+    assert line.startswith("train.py: error: mandatory settings are not set: data.train_shards, data.val_shards")
+    command = line.split("; e.g. ", 1)[1]
+    assert command.startswith("python train.py experiment=titok_b64 ")
+    # pasted into a shell (train.py from the checkout), it composes: the shell and Hydra's parser accept it
+    pasted = command.replace("python train.py", f"{sys.executable} {ROOT / 'train.py'}", 1)
+    shown = subprocess.run(
+        ["bash", "-c", f"{pasted} --cfg job"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    data = yaml.safe_load(shown.stdout)["data"]
+    assert data["train_shards"] == "/path/to/train-{0000..0099}.tar"
+    assert data["val_shards"] == "/path/to/val-{0000..0099}.tar"
