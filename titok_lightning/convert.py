@@ -30,7 +30,8 @@ class CheckpointMismatchError(RuntimeError):
 
 class FromReferenceConfig:
     """How every model family reads a reference config: ``kwargs_from_reference_config(config)`` -> constructor
-    arguments, ``from_reference_config(config)`` -> model.
+    arguments, ``from_reference_config(config)`` -> model; and writes one (export): ``reference_config(kwargs)`` and
+    ``to_reference_state_dict(state_dict)``, the inverses (a family without them cannot be exported).
 
     ``config`` is the reference's nested (OmegaConf) config as its ``config.json`` holds it; it may carry, at the top
     level, the parity fixtures' ``size_presets`` (extra ViT size names: ``{name: {width, num_layers, num_heads}}``)
@@ -44,6 +45,16 @@ class FromReferenceConfig:
     @classmethod
     def from_reference_config(cls, config: Mapping[str, Any]) -> Any:
         return cls(**cls.kwargs_from_reference_config(config))
+
+    @classmethod
+    def reference_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The reference config of the model built with ``kwargs`` (every constructor argument)."""
+        raise NotImplementedError(f"{cls.__name__} has no export to the reference layout")
+
+    @staticmethod
+    def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This project's keys -> the reference's; the identity where they are the same."""
+        return dict(state_dict)
 
 
 def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:

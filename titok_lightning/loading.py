@@ -30,7 +30,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +105,14 @@ def constructor_defaults(model_cls: type) -> dict[str, Any]:
     return defaults
 
 
-def _canonical(value: Any) -> Any:
+def canonical(value: Any) -> Any:
+    """A constructor argument in a comparable form: lists as tuples, dataclasses as dicts, recursively."""
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
     if isinstance(value, Mapping):
-        return {k: _canonical(v) for k, v in value.items()}
+        return {k: canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return tuple(_canonical(v) for v in value)
+        return tuple(canonical(v) for v in value)
     return value
 
 
@@ -121,13 +124,13 @@ def find_variant(
     into exactly ``kwargs``. Raises ``LookupError`` naming the closest variants otherwise."""
     mode_flags = set(mode_flags)
     defaults = constructor_defaults(model_cls)
-    wanted = {k: _canonical(v) for k, v in kwargs.items()}
+    wanted = {k: canonical(v) for k, v in kwargs.items()}
     misses = []
     for name in list_models():
         spec = get_spec(name)
         if spec.model_cls is not model_cls:
             continue
-        full = {k: _canonical(v) for k, v in {**defaults, **spec.kwargs}.items()}
+        full = {k: canonical(v) for k, v in {**defaults, **spec.kwargs}.items()}
         differing = sorted(k for k, v in wanted.items() if k not in mode_flags and full.get(k, object()) != v)
         if not differing:
             return name, {k: kwargs[k] for k in mode_flags if k in kwargs and wanted[k] != full.get(k)}

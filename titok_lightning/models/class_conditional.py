@@ -66,3 +66,20 @@ class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
             intermediate_size=gen["intermediate_size"],
             sampling=asdict(sampling),
         )
+
+    @classmethod
+    def reference_config(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`kwargs_from_reference_config`."""
+        sampling = kwargs["sampling"]
+        sampling = asdict(sampling) if isinstance(sampling, cls.sampling_cls) else dict(sampling or {})
+        generator = dict(
+            image_seq_len=kwargs["image_seq_len"],
+            condition_num_classes=kwargs["num_classes"],
+            class_label_dropout=kwargs["class_label_dropout"],
+            hidden_size=kwargs["hidden_size"],
+            num_hidden_layers=kwargs["num_layers"],
+            num_attention_heads=kwargs["num_heads"],
+            intermediate_size=kwargs["intermediate_size"],
+            **{name: sampling[name] for name in cls.reference_sampling_fields if name in sampling},
+        )
+        return {"model": {"vq_model": {"codebook_size": kwargs["codebook_size"]}, "generator": generator}}

@@ -129,6 +129,12 @@ class MaskGITGenerator(ClassConditionalGenerator):
             raise ValueError(f"{cls.__name__} builds model_type {cls.model_type!r}, the config has {model_type!r}")
         return super().kwargs_from_reference_config(config)
 
+    @classmethod
+    def reference_config(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        config = super().reference_config(kwargs)
+        config["model"]["generator"]["model_type"] = cls.model_type
+        return config
+
 
 class PostNormBlock(nn.Module):
     """BERT layer: ``x = norm1(x + attn(x))`` then ``x = norm2(x + dropout(mlp(x)))`` (no dropout inside

@@ -281,6 +281,14 @@ class MaskGITVQGAN(FromReferenceConfig, nn.Module):
             raise ValueError(f"codebook dim {codebook_dim} differs from z_channels {conv['z_channels']}")
         return {**conv, "channel_mult": tuple(conv["channel_mult"]), "codebook_size": codebook_size}
 
+    @classmethod
+    def reference_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        conv = {key: kwargs[key] for key in MASKGIT_VQGAN_F16_256}
+        return {
+            "pixel_vqgan_conf": {**conv, "channel_mult": list(conv["channel_mult"])},
+            "quantizer": {"num_embeddings": kwargs["codebook_size"], "embedding_dim": conv["z_channels"]},
+        }
+
 
 register_model(
     "maskgit_vqgan_f16_256",

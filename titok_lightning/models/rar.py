@@ -393,6 +393,14 @@ class RAR(ClassConditionalGenerator):
             randomness_anneal_end=gen.get("randomness_anneal_end", 187_500),
         )
 
+    @classmethod
+    def reference_config(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        config = super().reference_config(kwargs)
+        config["model"]["generator"].update(
+            {k: kwargs[k] for k in ("dropout", "attn_drop", "randomness_anneal_start", "randomness_anneal_end")}
+        )
+        return config
+
     @staticmethod
     def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Same key names; drops the causal mask should a checkpoint carry it."""

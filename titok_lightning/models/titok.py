@@ -44,6 +44,17 @@ _REFERENCE_BLOCK_RENAMES = [
     (r"\.mlp\.c_proj\.", ".mlp.fc2."),
 ]
 
+# The inverse, limited to the transformer blocks (the pixel decoder has norm1/norm2 of its own).
+_TO_REFERENCE_BLOCK_RENAMES = [
+    (r"(\.transformer\.\d+)\.norm1\.", r"\1.ln_1."),
+    (r"(\.transformer\.\d+)\.norm2\.", r"\1.ln_2."),
+    (r"(\.transformer\.\d+)\.attn\.qkv\.weight$", r"\1.attn.in_proj_weight"),
+    (r"(\.transformer\.\d+)\.attn\.qkv\.bias$", r"\1.attn.in_proj_bias"),
+    (r"(\.transformer\.\d+)\.attn\.proj\.", r"\1.attn.out_proj."),
+    (r"(\.transformer\.\d+)\.mlp\.fc1\.", r"\1.mlp.c_fc."),
+    (r"(\.transformer\.\d+)\.mlp\.fc2\.", r"\1.mlp.c_proj."),
+]
+
 
 class _ViT(nn.Module):
     """Shared trunk of the encoder and decoder: class + positional embeddings, pre/post LayerNorms and
@@ -428,6 +439,61 @@ class TiTok(FromReferenceConfig, nn.Module):
             )
         return kwargs
 
+    @staticmethod
+    def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return rename_keys(state_dict, _TO_REFERENCE_BLOCK_RENAMES)
+
+    @classmethod
+    def reference_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """The inverse of :meth:`kwargs_from_reference_config`. ViT sizes the reference has no name for go to
+        ``size_presets``, sizes it hard-codes (pixel decoder, proxy codes) to ``patched_constants``."""
+        names = {size: name for name, size in VIT_SIZES.items()}
+        presets: dict[str, dict[str, int]] = {}
+
+        def size_name(role: str) -> str:
+            size = (kwargs[f"{role}_width"], kwargs[f"{role}_depth"], kwargs[f"{role}_heads"])
+            if size in names:
+                return names[size]
+            name = f"{role}_{size[0]}x{size[1]}x{size[2]}"
+            presets[name] = dict(width=size[0], num_layers=size[1], num_heads=size[2])
+            return name
+
+        vq: dict[str, Any] = dict(
+            quantize_mode=kwargs["quantize_mode"],
+            vit_enc_model_size=size_name("encoder"),
+            vit_dec_model_size=size_name("decoder"),
+            vit_enc_patch_size=kwargs["encoder_patch_size"],
+            vit_dec_patch_size=kwargs["decoder_patch_size"],
+            num_latent_tokens=kwargs["num_latent_tokens"],
+            token_size=kwargs["token_size"],
+            is_legacy=kwargs["is_legacy"],
+            finetune_decoder=kwargs["finetune_decoder"],
+        )
+        if kwargs["quantize_mode"] == "vq":
+            vq.update(
+                codebook_size=kwargs["codebook_size"],
+                commitment_cost=kwargs["commitment_cost"],
+                use_l2_norm=kwargs["use_l2_norm"],
+            )
+        patched: dict[str, Any] = {}
+        if kwargs["num_proxy_codes"] != 1024:
+            patched["legacy_proxy_codes"] = kwargs["num_proxy_codes"]
+        pixel = dict(kwargs["pixel_vqgan"] or MASKGIT_VQGAN_F16_256)
+        if {**pixel, "channel_mult": tuple(pixel["channel_mult"])} != MASKGIT_VQGAN_F16_256:
+            patched["pixel_vqgan_conf"] = {**pixel, "channel_mult": list(pixel["channel_mult"])}
+        for name, reference in [("pixel_codebook_size", 1024), ("pixel_codebook_dim", 256)]:
+            if kwargs[name] != reference:
+                patched[name] = kwargs[name]
+        config: dict[str, Any] = {
+            "model": {"vq_model": vq},
+            "dataset": {"preprocessing": {"crop_size": kwargs["image_size"]}},
+        }
+        if presets:
+            config["size_presets"] = presets
+        if patched:
+            config["patched_constants"] = patched
+        return config
+
 
 class TATiTok(TiTok):
     """TA-TiTok: TiTok whose decoder is conditioned on text features [B, text_context_length,
@@ -468,6 +534,15 @@ class TATiTok(TiTok):
         if kwargs["quantize_mode"] == "vq":
             kwargs["clustering_vq"] = vq.get("clustering_vq", False)
         return kwargs
+
+    @classmethod
+    def reference_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        config = super().reference_config(kwargs)
+        vq = config["model"]["vq_model"]
+        vq.update(text_context_length=kwargs["text_context_length"], text_embed_dim=kwargs["text_embed_dim"])
+        if kwargs["quantize_mode"] == "vq":
+            vq["clustering_vq"] = kwargs["clustering_vq"]
+        return config
 
 
 def load_stage2_init(
