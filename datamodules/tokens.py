@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -86,21 +87,51 @@ def write_token_shards(
         The shard paths written.
     """
 
-    def encoded() -> Iterable[dict[str, Any]]:
-        for index, sample in enumerate(samples):
-            record: dict[str, Any] = {
-                "__key__": str(sample.get("key", f"{index:09d}")),
-                "tokens.npy": _npy_bytes(_compact(_as_numpy(sample["tokens"]))),
-            }
-            if "class_id" in sample:
-                record["cls"] = str(int(sample["class_id"]))
-            if "text" in sample:
-                record["txt"] = sample["text"]
-            if "aesthetic_score" in sample:
-                record["json"] = json.dumps({"aesthetic_score": float(sample["aesthetic_score"])})
-            yield record
+    records = (token_record(sample, index) for index, sample in enumerate(samples))
+    return write_shards(records, out_pattern, maxcount, total=total, progress=progress, overwrite=overwrite)
 
-    return write_shards(encoded(), out_pattern, maxcount, total=total, progress=progress, overwrite=overwrite)
+
+def token_record(sample: dict[str, Any], index: int) -> dict[str, Any]:
+    """The webdataset sample of one pre-tokenized sample (see `write_token_shards`); key default: `index` as %09d."""
+    record: dict[str, Any] = {
+        "__key__": str(sample.get("key", f"{index:09d}")),
+        "tokens.npy": _npy_bytes(_compact(_as_numpy(sample["tokens"]))),
+    }
+    if "class_id" in sample:
+        record["cls"] = str(int(sample["class_id"]))
+    if "text" in sample:
+        record["txt"] = sample["text"]
+    if "aesthetic_score" in sample:
+        record["json"] = json.dumps({"aesthetic_score": float(sample["aesthetic_score"])})
+    return record
+
+
+_PART_SHARD = re.compile(r"^(.+)-\d{6}\.tar$")
+
+
+def check_pretokenized_complete(urls: Sequence[str]) -> None:
+    """Refuse shards of a `python -m titok_lightning.pretokenize` run that has not finished (it writes
+    `<split>.json` last; until then its folder holds `<split>.progress/`): training would silently see a part."""
+    checked = set()
+    for url in urls:
+        match = _PART_SHARD.match(os.path.basename(url))
+        folder = os.path.dirname(url)
+        if match is None or (folder, match.group(1)) in checked or not os.path.exists(url):
+            continue
+        split = match.group(1)
+        checked.add((folder, split))
+        progress = os.path.join(folder, f"{split}.progress")
+        if os.path.isdir(progress) and not os.path.isfile(os.path.join(folder, f"{split}.json")):
+            done = len([name for name in os.listdir(progress) if re.fullmatch(r"\d{6}\.json", name)])
+            settings = os.path.join(progress, "settings.json")
+            parts = "?"
+            if os.path.isfile(settings):
+                with open(settings, encoding="utf-8") as file:
+                    parts = json.load(file)["parts"]
+            raise ValueError(
+                f"{folder}: the pretokenize output of split {split!r} is incomplete ({done} of {parts} parts done, no "
+                f"{split}.json); rerun the same pretokenize command to finish it"
+            )
 
 
 def decode_token_array(data: bytes, raw_dtype: str = "float16") -> np.ndarray:
@@ -291,6 +322,7 @@ class TokenDataModule(ShardedDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
+        check_pretokenized_complete([*self.train_urls, *self.val_urls])
         if self.train_jsonl is not None and stage in (None, "fit"):
             self.train_jsonl_dataset = PretokenizedJsonl(self.train_jsonl)
             per_rank = -(-len(self.train_jsonl_dataset) // self.world_size)  # DistributedSampler pads up

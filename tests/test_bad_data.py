@@ -252,3 +252,61 @@ def test_truncated_shard_while_counting_samples_is_named(tmp_path):
     datamodule = ImageDataModule(train_shards=str(tmp_path), image_size=32, num_workers=0)
     with pytest.raises(ValueError, match=rf"shard '{shards[1]}' is truncated or not a tar file .*samples_per_epoch"):
         datamodule.setup("fit")
+
+
+# ----------------------------------------------------------------------------------------------------- pretokenize
+def test_pretokenize_skips_unreadable_images_resumes_after_a_kill_and_marks_completion(tmp_path):
+    import signal
+    import time
+
+    from datamodules import TokenDataModule
+    from tests.test_generator_training import tokenizer_checkpoint
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    (root / "a" / "1.png").write_bytes(b"not an image")  # in the first part
+    Image.fromarray(np.full((32, 32), 65535, dtype=np.uint16)).save(root / "b" / "deep.png")  # 16-bit: kept
+    os.mkfifo(root / "c" / "z.png")  # the last part blocks on reading it: the run is killed there
+    command = [
+        sys.executable,
+        "-m",
+        "titok_lightning.pretokenize",
+        "--tokenizer",
+        str(tokenizer_checkpoint(tmp_path / "tok.ckpt")),
+    ]
+    command += ["--data", str(root), "--out", str(tmp_path / "tokens"), "--no-flip", "--maxcount", "4"]
+    command += ["--num-workers", "0", "--accelerator", "cpu"]  # 14 images in 4 parts of 4
+    progress = tmp_path / "tokens" / "train.progress"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while len(list(progress.glob("0*.json"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert sorted(p.name for p in progress.glob("0*.json")) == ["000000.json", "000001.json", "000002.json"]
+    done = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tokens").glob("*.tar")}
+    assert sorted(done) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+
+    datamodule = TokenDataModule(train_shards=str(tmp_path / "tokens"), batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"incomplete \(3 of 4 parts done, no train.json\); rerun the same"):
+        datamodule.setup("fit")
+
+    (root / "c" / "z.png").unlink()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "c" / "z.png")
+    result = run_command(command)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "resuming: 3 of rank 0's 4 parts are already done" in result.stdout
+    assert "skipped 1 unreadable inputs (listed in train.json): " in result.stdout and "1.png" in result.stdout
+    info = json.loads((tmp_path / "tokens" / "train.json").read_text())
+    assert (info["num_samples"], info["num_skipped_inputs"]) == (13, 1)
+    assert info["skipped"][0]["where"] == str(root / "a" / "1.png")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tokens").glob("*.tar") if p.name in done} == done
+    assert not progress.exists()
+    datamodule = TokenDataModule(val_shards=str(tmp_path / "tokens"), batch_size=13, num_workers=0)
+    datamodule.setup("validate")
+    assert len(next(iter(datamodule.val_dataloader()))["key"]) == 13

@@ -13,30 +13,37 @@
     # the reference's pre-tokenized JSONL (e.g. RAR's maskgitvq.jsonl) -> token shards
     python -m titok_lightning.pretokenize --from-jsonl maskgitvq.jsonl --out /data/in1k_maskgitvq
 
-Each rank (``--devices``/``--num-nodes``, Lightning Fabric DDP) encodes its share of the data (every image exactly
-once over all ranks and DataLoader workers) and streams ``<out>/<split>-r<rank>-<n>.tar``; rank 0 then writes
-``<out>/<split>.json`` (tokenizer, token layout, sample count, shards). A sample is ``<key>.tokens.npy`` (VQ ids
-[N] as int16/int32, or VAE posterior parameters [2C, N] as float16: mean then log-variance channels) with ``.cls``
-or ``.txt`` and, for captions, ``.json`` holding ``aesthetic_score`` when the source has one. Augmented views get
-keys ``<key>_flip`` / ``<key>_crop<i>``.
+The input is cut into parts: chunks of an image folder (``--maxcount`` token samples each) or the input shards (one
+output shard per input shard). Rank r of ``--devices``/``--num-nodes`` (Lightning Fabric DDP) encodes parts r,
+r + world, ... into ``<out>/<split>-<part>.tar`` (written beside and renamed when complete, then recorded in
+``<out>/<split>.progress/``); rank 0 then writes ``<out>/<split>.json`` (tokenizer, token layout, sample count,
+shards, skipped inputs), which marks the output complete: ``TokenDataModule`` refuses a folder without it. The same
+command run again after an interruption encodes only the missing parts (with other settings it refuses; pass
+``--overwrite`` to start afresh). Unreadable images are skipped, counted and listed, as by ``datamodules.convert``.
+
+A sample is ``<key>.tokens.npy`` (VQ ids [N] as int16/int32, or VAE posterior parameters [2C, N] as float16: mean
+then log-variance channels) with ``.cls`` or ``.txt`` and, for captions, ``.json`` holding ``aesthetic_score`` when
+the source has one. Augmented views get keys ``<key>_flip`` / ``<key>_crop<i>``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import glob
 import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchvision.transforms import functional as TF
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -86,56 +93,12 @@ class Views:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Sources: every image exactly once over ranks x DataLoader workers
+# Parts: the unit of work, of resuming and of output (one token shard each)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _reader_slot(rank: int, world_size: int) -> tuple[int, int]:
-    from datamodules.shards import worker_slot
-
-    worker, num_workers = worker_slot()
-    return rank * num_workers + worker, world_size * num_workers
 
 
 def _clean_key(key: str) -> str:
     return re.sub(r"[.\s]", "_", key)
-
-
-class ImageFolderSource(IterableDataset):
-    """Images under ``root``: class sub-folders (class index = position in the sorted names, as torchvision's
-    ImageFolder and the reference) or, with ``labels="none"``, any image files."""
-
-    def __init__(self, root: str, views: Views, labels: str, rank: int, world_size: int):
-        super().__init__()
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"image folder {root!r} does not exist")
-        self.files: list[tuple[str, int | None]] = []
-        if labels == "cls":
-            self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-            if not self.classes:
-                raise FileNotFoundError(f"{root!r} has no class sub-folders (use --labels none for a flat folder)")
-            for index, name in enumerate(self.classes):
-                self.files += [(path, index) for path in _images_under(os.path.join(root, name))]
-        elif labels == "none":
-            self.files = [(path, None) for path in _images_under(root)]
-        else:
-            raise ValueError("image folders carry class labels or none; captioned data must be shards")
-        if not self.files:
-            raise FileNotFoundError(f"no images under {root!r}")
-        self.root, self.views, self.rank, self.world_size = root, views, rank, world_size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        reader, readers = _reader_slot(self.rank, self.world_size)
-        for path, class_id in itertools.islice(self.files, reader, None, readers):
-            with Image.open(path) as image:
-                sample: dict[str, Any] = {"views": self.views(image.convert("RGB"))}
-            sample["key"] = _clean_key(os.path.splitext(os.path.relpath(path, self.root))[0])
-            if class_id is not None:
-                sample["class_id"] = class_id
-            yield sample
 
 
 def _images_under(folder: str) -> list[str]:
@@ -145,39 +108,99 @@ def _images_under(folder: str) -> list[str]:
     return sorted(found)
 
 
-class ShardSource(IterableDataset):
-    """Samples of webdataset shards (image + ``cls`` or ``txt``, optional ``json`` / ``aes_score``); unreadable
-    samples are skipped and counted (warning), as in training."""
+def list_image_folder(root: str, labels: str) -> list[tuple[str, int | None]]:
+    """(path, class index or None) of the images under ``root``: class sub-folders (class index = position in the
+    sorted names, as torchvision's ImageFolder and the reference) or, with ``labels="none"``, any image files."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image folder {root!r} does not exist")
+    files: list[tuple[str, int | None]] = []
+    if labels == "cls":
+        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"{root!r} has no class sub-folders (use --labels none for a flat folder)")
+        for index, name in enumerate(classes):
+            files += [(path, index) for path in _images_under(os.path.join(root, name))]
+    elif labels == "none":
+        files = [(path, None) for path in _images_under(root)]
+    else:
+        raise ValueError("image folders carry class labels or none; captioned data must be shards")
+    if not files:
+        raise FileNotFoundError(f"no images under {root!r}")
+    return files
 
-    def __init__(self, shards: Any, views: Views, labels: str, rank: int, world_size: int):
+
+def _failure(where: str, error: BaseException) -> dict[str, str]:
+    return {"where": where, "error": f"{type(error).__name__}: {error}"}
+
+
+class ImageFiles(Dataset):
+    """One part of an image folder: item ``i`` is ``{"views", "key"[, "class_id"]}``, or ``{"where", "error"}`` for an
+    image that cannot be read (it is skipped and counted, as the shard converter does)."""
+
+    def __init__(self, files: list[tuple[str, int | None]], root: str, views: Views):
+        self.files, self.root, self.views = files, root, views
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from datamodules.transforms import to_rgb
+
+        path, class_id = self.files[index]
+        try:
+            with Image.open(path) as image:
+                sample: dict[str, Any] = {"views": self.views(to_rgb(image))}
+        except Exception as error:  # a broken file must not end a multi-hour job
+            return _failure(path, error)
+        sample["key"] = _clean_key(os.path.splitext(os.path.relpath(path, self.root))[0])
+        if class_id is not None:
+            sample["class_id"] = class_id
+        return sample
+
+
+class ShardSamples(IterableDataset):
+    """One input shard (image + ``cls`` or ``txt``, optional ``json`` / ``aes_score``), split over the DataLoader
+    workers (worker ``w`` decodes every n-th sample); unreadable samples and tar data come out as
+    ``{"where", "error"}`` items."""
+
+    def __init__(self, url: str, views: Views, labels: str):
         super().__init__()
-        from datamodules.shards import SkipCounter, resolve_shards
-
-        self.urls = resolve_shards(shards, "--data")
-        self.views, self.labels, self.rank, self.world_size = views, labels, rank, world_size
-        self.skipped = SkipCounter()
+        self.url, self.views, self.labels = url, views, labels
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from datamodules.shards import PartitionedSamples
+        import webdataset as wds
+
+        from datamodules.shards import worker_slot
+
+        worker, num_workers = worker_slot()
+        tar_errors: list[BaseException] = []
+        raw_samples = wds.tarfile_samples([{"url": self.url}], handler=lambda error: tar_errors.append(error) or True)
+        for index, raw in enumerate(raw_samples):
+            if index % num_workers == worker:
+                yield self._decode(raw)
+            if worker == 0:  # every worker reads the whole tar: one reports its damage
+                yield from (_failure(f"tar data of {self.url}", error) for error in tar_errors)
+            tar_errors.clear()
+        if worker == 0:
+            yield from (_failure(f"tar data of {self.url}", error) for error in tar_errors)
+
+    def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
         from datamodules.transforms import decode_image
 
-        for raw in PartitionedSamples(self.urls, self.rank, self.world_size, handler=self.skipped):
-            try:
-                extension = next(ext for ext in IMAGE_EXTENSIONS if ext in raw)
-                sample: dict[str, Any] = {"views": self.views(decode_image(raw[extension])), "key": raw["__key__"]}
-                if self.labels == "cls":
-                    sample["class_id"] = int(raw["cls"])
-                elif self.labels == "txt":
-                    sample["text"] = raw["txt"].decode("utf-8")
-                    score = _aesthetic_score(raw)
-                    if score is not None:
-                        sample["aesthetic_score"] = score
-            except Exception as error:  # a broken sample must not end a multi-hour job
-                self.skipped.record_failure(error, f"sample {raw.get('__key__')!r} of {raw.get('__url__')!r}")
-                continue
-            self.skipped.record_success()
-            sample["key"] = _clean_key(sample["key"])
-            yield sample
+        try:
+            extension = next(ext for ext in IMAGE_EXTENSIONS if ext in raw)
+            sample: dict[str, Any] = {"views": self.views(decode_image(raw[extension])), "key": raw["__key__"]}
+            if self.labels == "cls":
+                sample["class_id"] = int(raw["cls"])
+            elif self.labels == "txt":
+                sample["text"] = raw["txt"].decode("utf-8")
+                score = _aesthetic_score(raw)
+                if score is not None:
+                    sample["aesthetic_score"] = score
+        except Exception as error:  # a broken sample must not end a multi-hour job
+            return _failure(f"sample {raw.get('__key__')!r} of {self.url}", error)
+        sample["key"] = _clean_key(sample["key"])
+        return sample
 
 
 def _aesthetic_score(raw: dict[str, Any]) -> float | None:
@@ -192,10 +215,27 @@ def _aesthetic_score(raw: dict[str, Any]) -> float | None:
     return None
 
 
-def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    batch = {"views": torch.stack([s.pop("views") for s in samples])}
-    batch["meta"] = samples
-    return batch
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    samples = [item for item in items if "views" in item]
+    failures = [item for item in items if "views" not in item]
+    views = torch.stack([s.pop("views") for s in samples]) if samples else None
+    return {"views": views, "meta": samples, "failures": failures}
+
+
+def plan_parts(args: argparse.Namespace, views: Views) -> list[Any]:
+    """The parts of the input, in order: chunks of an image folder's files (``maxcount`` token samples each) or the
+    input shards (one output shard per input shard)."""
+    if len(args.data) == 1 and os.path.isdir(args.data[0]) and not _is_shard_dir(args.data[0]):
+        files = list_image_folder(args.data[0], args.labels)
+        per_part = max(1, args.maxcount // len(views.suffixes))
+        return [files[start : start + per_part] for start in range(0, len(files), per_part)]
+    from datamodules.shards import resolve_shards
+
+    return resolve_shards(args.data, "--data")
+
+
+def _is_shard_dir(path: str) -> bool:
+    return any(name.endswith(".tar") for name in os.listdir(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -210,10 +250,13 @@ def _storable(tokens: torch.Tensor) -> np.ndarray:
     return tokens.cpu().numpy()
 
 
-def encoded_samples(tokenizer, loader: Iterable[dict[str, Any]], views: Views, device: torch.device):
-    """Encode each batch of views and yield one token-shard sample per view (``write_token_shards`` input)."""
+def encoded_samples(tokenizer, loader: Iterable[dict[str, Any]], views: Views, device: torch.device, failures: list):
+    """Encode each batch of views and yield one token-shard sample per view; unreadable inputs go to ``failures``."""
     suffixes = views.suffixes
     for batch in loader:
+        failures.extend(batch["failures"])
+        if batch["views"] is None:
+            continue
         images = batch["views"].to(device, non_blocking=True)
         tokens = tokenizer.encode(images.flatten(0, 1)).unflatten(0, images.shape[:2])
         for meta, per_view in zip(batch["meta"], tokens):
@@ -221,75 +264,143 @@ def encoded_samples(tokenizer, loader: Iterable[dict[str, Any]], views: Views, d
                 yield {**meta, "key": meta["key"] + suffix, "tokens": _storable(view_tokens)}
 
 
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    """Written beside and renamed: a reader never sees half a file."""
+    with open(path + ".partial", "w", encoding="utf-8") as file:
+        json.dump(record, file, indent=1)
+    os.replace(path + ".partial", path)
+
+
+def encode_part(tokenizer, part: Any, index: int, args: argparse.Namespace, views: Views, device) -> dict[str, Any]:
+    """Encode one part into ``<out>/<split>-<index>.tar`` (written beside and renamed when complete); returns its
+    record: shard name (None when nothing was readable), samples written, unreadable inputs."""
+    import webdataset as wds
+
+    from datamodules.tokens import token_record
+
+    if isinstance(part, str):
+        dataset, workers = ShardSamples(part, views, args.labels), args.num_workers
+    else:
+        dataset, workers = ImageFiles(part, args.data[0], views), min(args.num_workers, len(part))
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers, collate_fn=_collate)
+    failures: list[dict[str, str]] = []
+    name = f"{args.split}-{index:06d}.tar"
+    partial = os.path.join(args.out, name + ".partial")
+    count = 0
+    with wds.TarWriter(partial, mtime=0) as writer:
+        for sample in encoded_samples(tokenizer, loader, views, device, failures):
+            writer.write(token_record(sample, count))
+            count += 1
+    if count:
+        os.replace(partial, os.path.join(args.out, name))
+    else:
+        os.remove(partial)
+    for failure in failures:
+        log.warning("skipping unreadable %s: %s", failure["where"], failure["error"])
+    return {"shard": name if count else None, "samples": count, "skipped": failures}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The job: prepare / resume, encode this rank's parts, mark the output complete
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _prepare_output(args: argparse.Namespace, settings: dict[str, Any]) -> str:
+    """Rank 0: "complete", "go", or the reason to stop. Wipes the split with --overwrite; a folder holding parts of
+    an earlier run resumes only with the same settings."""
+    done = os.path.join(args.out, f"{args.split}.json")
+    progress = os.path.join(args.out, f"{args.split}.progress")
+    outputs = glob.glob(os.path.join(glob.escape(args.out), f"{glob.escape(args.split)}-*.tar*"))
+    if args.overwrite:
+        for path in outputs:
+            os.remove(path)
+        if os.path.exists(done):
+            os.remove(done)
+        shutil.rmtree(progress, ignore_errors=True)
+    elif os.path.isfile(done):
+        return "complete"
+    elif os.path.isdir(progress):
+        with open(os.path.join(progress, "settings.json"), encoding="utf-8") as file:
+            previous = json.load(file)
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        if changed:
+            return (
+                f"{args.out} holds an unfinished pretokenize run of split {args.split!r} with other settings "
+                f"({', '.join(changed)} differ); rerun it as it was, or pass --overwrite to start afresh"
+            )
+        return "go"
+    elif outputs:
+        return (
+            f"{len(outputs)} file(s) of split {args.split!r} already exist in {args.out} (e.g. {outputs[0]}) but no "
+            f"record of a pretokenize run; pass --overwrite to replace them"
+        )
+    os.makedirs(progress, exist_ok=True)
+    _write_json(os.path.join(progress, "settings.json"), settings)
+    return "go"
+
+
 def pretokenize(fabric, args: argparse.Namespace) -> None:
-    """One rank's work: encode its share, stream its shards, then (rank 0) write ``<out>/<split>.json``."""
-    from datamodules.tokens import write_token_shards
+    """Encode this rank's parts (rank r takes parts r, r + world, ...), skipping those an interrupted run finished;
+    then rank 0 writes ``<out>/<split>.json`` (token layout, counts, skipped inputs): the output is complete."""
     from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
 
     tokenizer = load_frozen_tokenizer(args.tokenizer, use_ema=not args.raw_weights).to(fabric.device)
     image_size = args.image_size or tokenizer.image_size
     views = Views(image_size, ten_crop=args.ten_crop, flip=args.flip)
-    if len(args.data) == 1 and os.path.isdir(args.data[0]) and not _is_shard_dir(args.data[0]):
-        source = ImageFolderSource(args.data[0], views, args.labels, fabric.global_rank, fabric.world_size)
-    else:
-        source = ShardSource(args.data, views, args.labels, fabric.global_rank, fabric.world_size)
-    loader = DataLoader(source, batch_size=args.batch_size, num_workers=args.num_workers, collate_fn=_collate)
-    written = [0]
-
-    def counted(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for sample in samples:
-            written[0] += 1
-            yield sample
-
-    samples = counted(encoded_samples(tokenizer, loader, views, fabric.device))
-    first = next(samples, None)  # a rank may get no data (tiny datasets): then it writes no shard
-    shards: list[str] = []
-    pattern = os.path.join(args.out, f"{args.split}-r{fabric.global_rank:03d}-%06d.tar")
-    total = len(source) * len(views.suffixes) // fabric.world_size if isinstance(source, ImageFolderSource) else None
-    if first is not None:
-        shards = write_token_shards(
-            itertools.chain([first], samples),
-            pattern,
-            maxcount=args.maxcount,
-            total=total,
-            progress=fabric.is_global_zero,
-            overwrite=args.overwrite,
-        )
-    total_written = fabric.all_reduce(torch.tensor(written[0], device=fabric.device), reduce_op="sum")
-    all_shards = _gather_strings(fabric, shards)
+    parts = plan_parts(args, views)
+    info = {
+        "tokenizer": str(args.tokenizer),
+        "kind": tokenizer.kind,
+        "num_tokens": tokenizer.num_tokens,
+        "codebook_size": tokenizer.codebook_size,
+        "token_size": tokenizer.token_size,
+        "image_size": image_size,
+        "views": views.suffixes,
+        "labels": args.labels,
+    }
+    settings = {**info, "data": list(args.data), "maxcount": args.maxcount, "raw_weights": args.raw_weights}
+    settings["parts"] = len(parts)
+    os.makedirs(args.out, exist_ok=True)
+    status = fabric.broadcast(_prepare_output(args, settings) if fabric.is_global_zero else None)
+    if status == "complete":
+        print(f"{args.out} already holds the complete split {args.split!r} ({args.split}.json); nothing to do")
+        return
+    if status != "go":
+        raise FileExistsError(status)
+    progress = os.path.join(args.out, f"{args.split}.progress")
+    mine = range(fabric.global_rank, len(parts), fabric.world_size)
+    todo = [i for i in mine if not os.path.isfile(os.path.join(progress, f"{i:06d}.json"))]
+    if fabric.is_global_zero and len(todo) < len(mine):
+        print(f"resuming: {len(mine) - len(todo)} of rank 0's {len(mine)} parts are already done")
+    for index in tqdm(todo, disable=not fabric.is_global_zero, unit="part", desc=f"pretokenize {args.split}"):
+        record = encode_part(tokenizer, parts[index], index, args, views, fabric.device)
+        _write_json(os.path.join(progress, f"{index:06d}.json"), record)  # the part is done once this exists
+    fabric.barrier()
     if fabric.is_global_zero:
-        info = {
-            "tokenizer": str(args.tokenizer),
-            "kind": tokenizer.kind,
-            "num_tokens": tokenizer.num_tokens,
-            "codebook_size": tokenizer.codebook_size,
-            "token_size": tokenizer.token_size,
-            "image_size": image_size,
-            "views": views.suffixes,
-            "labels": args.labels,
-            "num_samples": int(total_written),
-            "shards": sorted(os.path.relpath(p, args.out) for p in all_shards),
-        }
-        with open(os.path.join(args.out, f"{args.split}.json"), "w", encoding="utf-8") as file:
-            json.dump(info, file, indent=1)
-        print(f"wrote {info['num_samples']} token samples in {len(info['shards'])} shards to {args.out}")
-    skipped = getattr(source, "skipped", None)
-    if skipped is not None and skipped.value:
-        log.warning("rank %d skipped %d unreadable samples", fabric.global_rank, skipped.value)
+        _finish(args, info, len(parts), progress)
 
 
-def _is_shard_dir(path: str) -> bool:
-    return any(name.endswith(".tar") for name in os.listdir(path))
-
-
-def _gather_strings(fabric, strings: list[str]) -> list[str]:
-    if fabric.world_size == 1:
-        return list(strings)
-    import torch.distributed as dist
-
-    gathered: list[list[str] | None] = [None] * fabric.world_size
-    dist.all_gather_object(gathered, list(strings))
-    return [s for part in gathered for s in part]
+def _finish(args: argparse.Namespace, info: dict[str, Any], num_parts: int, progress: str) -> None:
+    """Rank 0, after every part: ``<split>.json`` (written last: it marks the output complete) and a summary."""
+    records = []
+    for index in range(num_parts):
+        with open(os.path.join(progress, f"{index:06d}.json"), encoding="utf-8") as file:
+            records.append(json.load(file))
+    skipped = [failure for record in records for failure in record["skipped"]]
+    info = {
+        **info,
+        "num_samples": sum(record["samples"] for record in records),
+        "num_skipped_inputs": len(skipped),
+        "skipped": skipped,
+        "shards": [record["shard"] for record in records if record["shard"]],
+    }
+    _write_json(os.path.join(args.out, f"{args.split}.json"), info)
+    shutil.rmtree(progress)
+    print(f"wrote {info['num_samples']} token samples in {len(info['shards'])} shards to {args.out}")
+    if skipped:
+        shown = "; ".join(f"{failure['where']} ({failure['error']})" for failure in skipped[:5])
+        more = f"; {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(f"skipped {len(skipped)} unreadable inputs (listed in {args.split}.json): {shown}{more}")
 
 
 def convert_jsonl(path: str, out: str, split: str, maxcount: int, overwrite: bool) -> list[str]:
@@ -321,11 +432,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--raw-weights", action="store_true", help="a .ckpt's training weights instead of its EMA")
     parser.add_argument("--batch-size", type=int, default=64, help="images per device and step")
     parser.add_argument("--num-workers", type=int, default=8, help="DataLoader workers per device")
-    parser.add_argument("--maxcount", type=int, default=10000, help="samples per shard")
+    parser.add_argument(
+        "--maxcount", type=int, default=10000, help="token samples per shard (image folders; one per input shard)"
+    )
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--devices", type=int, default=1)
     parser.add_argument("--num-nodes", type=int, default=1)
-    parser.add_argument("--overwrite", action="store_true", help="replace existing shards of this split")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="delete this split's shards (done or partial) and start afresh"
+    )
     args = parser.parse_args(argv)
     if args.from_jsonl is None and (args.tokenizer is None or args.data is None):
         parser.error("give --tokenizer and --data (or --from-jsonl)")
