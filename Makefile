@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 install:
 	@$(PYTHON) -c "import torch, torchvision" 2>/dev/null || $(PIP) install -q $(TORCH_SPEC)
 	@$(PIP) show -q titok-lightning >/dev/null 2>&1 \
-		&& $(PYTHON) -c "import lightning, hydra, webdataset, torch_fidelity, sklearn, pytest, lpips, open_clip" 2>/dev/null \
+		&& $(PYTHON) -c "import lightning, hydra, webdataset, braceexpand, tensorboard, torch_fidelity, sklearn, pytest, lpips, open_clip, submitit" 2>/dev/null \
 		|| $(PIP) install -q -e ".[dev]"
 
 test: install

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,3 +256,42 @@ def test_missing_data_path_is_one_line_with_a_command_that_works_when_pasted(tmp
     data = yaml.safe_load(shown.stdout)["data"]
     assert data["train_shards"] == "/path/to/train-{0000..0099}.tar"
     assert data["val_shards"] == "/path/to/val-{0000..0099}.tar"
+
+
+# ---------------------------------------------------------------------------------------------- dependencies
+def test_every_directly_imported_package_is_declared():
+    """Each third-party import of the library and its entry points names a distribution in pyproject.toml
+    (dependencies, or an extra for the optional ones); tests' own imports are in the dev extra."""
+    import ast
+    import importlib.metadata
+
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    optional = project["optional-dependencies"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
+
+    distributions = importlib.metadata.packages_distributions()
+    local = {"titok_lightning", "datamodules", "callbacks", "train", "sample", "tests", "hydra_plugins"}
+
+    def imported(paths) -> set[str]:
+        found = set()
+        for path in paths:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    found |= {alias.name.split(".")[0] for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    found.add(node.module.split(".")[0])
+        third_party = found - set(sys.stdlib_module_names) - local - {"__future__"}
+        return {distributions[name][0].lower().replace("_", "-") for name in third_party}
+
+    library = [ROOT / "train.py", ROOT / "sample.py"]
+    library += [p for d in ("titok_lightning", "datamodules", "callbacks") for p in (ROOT / d).rglob("*.py")]
+    extras = names([r for extra, reqs in optional.items() if extra != "dev" for r in reqs])
+    missing = imported(library) - names(project["dependencies"]) - extras
+    assert not missing, f"imported but not declared in pyproject.toml: {sorted(missing)}"
+    tests = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
+    missing = imported(tests) - names(project["dependencies"]) - names(optional["dev"])
+    assert not missing, f"imported by tests/scripts but not in the dev extra: {sorted(missing)}"
