@@ -295,3 +295,30 @@ def test_every_directly_imported_package_is_declared():
     tests = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "scripts").rglob("*.py")]
     missing = imported(tests) - names(project["dependencies"]) - names(optional["dev"])
     assert not missing, f"imported by tests/scripts but not in the dev extra: {sorted(missing)}"
+
+
+# ------------------------------------------------------------------------------------------------------- demo
+class FirstStageDone(Exception):
+    """Stops the demo after its first stage."""
+
+
+def test_demo_runs_from_any_working_directory(tmp_path, monkeypatch, digits_cache):  # noqa: F811
+    """`python -m titok_lightning.demo` started outside the checkout: its first stage (train.py, at tiny size)
+    runs and writes under the working directory's outputs/."""
+    from titok_lightning import demo
+
+    monkeypatch.chdir(tmp_path)
+    results = []
+
+    def first_stage_only(name, command, timings):
+        tiny = [*tiny_overrides("demo"), *ONE_STEP, f"data.cache_dir={digits_cache}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        results.append(subprocess.run([*command, *tiny], env=env, capture_output=True, text=True, timeout=600))
+        raise FirstStageDone
+
+    monkeypatch.setattr(demo, "run_stage", first_stage_only)
+    with pytest.raises(FirstStageDone):
+        demo.main([])
+    assert results[0].returncode == 0, results[0].stderr[-3000:]
+    (root,) = (tmp_path / "outputs" / "demo_pipeline").iterdir()
+    assert (root / "tokenizer" / "checkpoints" / "last.ckpt").is_file()

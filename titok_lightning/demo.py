@@ -33,6 +33,8 @@ import numpy as np
 import torch
 
 PASS_ACCURACY = 0.70
+# train.py and sample.py live in the checkout next to the package (an editable install: `make install`)
+CHECKOUT = Path(__file__).resolve().parents[1]
 
 
 def run_stage(name: str, command: list[str], timings: dict[str, float]) -> None:
@@ -158,11 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     root = root.resolve()
     root.mkdir(parents=True, exist_ok=True)
     python = sys.executable
+    train_py, sample_py = (str(CHECKOUT / name) for name in ("train.py", "sample.py"))
+    if not Path(train_py).is_file():
+        raise SystemExit(f"the demo runs train.py and sample.py of a checkout; none at {CHECKOUT} (pip install -e .)")
     timings: dict[str, float] = {}
 
     tokenizer_ckpt = args.tokenizer
     if tokenizer_ckpt is None:
-        run_stage("tokenizer", [python, "train.py", f"hydra.run.dir={root / 'tokenizer'}"], timings)
+        run_stage("tokenizer", [python, train_py, f"hydra.run.dir={root / 'tokenizer'}"], timings)
         tokenizer_ckpt = root / "tokenizer" / "checkpoints" / "last.ckpt"
     tokenizer_ckpt = tokenizer_ckpt.resolve()
 
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = [
         python,
-        "train.py",
+        train_py,
         "experiment=demo_generator",
         f"model.tokenizer={tokenizer_ckpt}",
         f"data.train_shards={tokens}",
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     command = [
         python,
-        "sample.py",
+        sample_py,
         f"ckpt_path={root / 'generator' / 'checkpoints' / 'last.ckpt'}",
         f"num_per_class={args.num_per_class}",
         f"output_dir={root / 'samples'}",
