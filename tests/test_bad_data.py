@@ -136,6 +136,9 @@ def test_sample_grid_class_ids_are_checked_at_start(tmp_path):
         hydra.utils.instantiate(cfg.model)
     cfg.model.sample_grid.class_ids = [0, 9]
     hydra.utils.instantiate(cfg.model)  # in range: builds
+    cfg.model.sampling = {"num_step": 4}  # a typo the grid would only meet at its first step
+    with pytest.raises(InstantiationException, match=r"model.sampling: \['num_step'\] are not settings of"):
+        hydra.utils.instantiate(cfg.model)
 
 
 # ----------------------------------------------------------------------------------------------------- sample.py

@@ -23,6 +23,8 @@ generation path, used by ``sample.py``.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -201,6 +203,12 @@ class GeneratorModule(TrainingModule):
             load_weights(self.model, init_from)
         self.sampling = dict(plain(sampling) or {})
         self.sample_grid = dict(plain(sample_grid) or {})
+        unknown = sorted(set(self.sampling) - sampler_settings(self.model))
+        if unknown:  # the grids would fail only at their first step (5000 in the recipes)
+            raise ValueError(
+                f"model.sampling: {unknown} are not settings of {type(self.model).__name__}'s sampler; it takes "
+                f"{sorted(sampler_settings(self.model))}"
+            )
         self._check_sample_grid()
 
     # ---------------------------------------------------------------------------------------- token space
@@ -336,6 +344,14 @@ class GeneratorModule(TrainingModule):
         ema = next((cb for cb in self.trainer.callbacks if hasattr(cb, "swapped_in")), None)
         with ema.swapped_in() if ema is not None else nullcontext():
             yield
+
+
+def sampler_settings(generator: nn.Module) -> set[str]:
+    """Names of the sampler settings ``generator.generate`` accepts (its ``sampling`` dataclass, or its keywords)."""
+    if dataclasses.is_dataclass(getattr(generator, "sampling", None)):
+        return {field.name for field in dataclasses.fields(generator.sampling)}
+    inputs = {"self", "condition", "condition_pooled", "null_condition", "null_condition_pooled", "aesthetic_score"}
+    return set(inspect.signature(generator.generate).parameters) - inputs - {"generator", "progress"}
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
