@@ -264,7 +264,18 @@ def load_reference(path: str | os.PathLike) -> tuple[tuple[np.ndarray, np.ndarra
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
         if not files:
             raise FileNotFoundError(f"no images in the reference folder {path}")
-        return None, np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+        from datamodules.transforms import to_rgb
+
+        images = []
+        for file in files:
+            with Image.open(file) as image:
+                images.append(np.asarray(to_rgb(image)))  # 16-bit / transparent images converted, not clipped
+            if images[-1].shape != images[0].shape:
+                raise ValueError(
+                    f"reference image {file} is {images[-1].shape[1]}x{images[-1].shape[0]}, {files[0].name} is "
+                    f"{images[0].shape[1]}x{images[0].shape[0]}: resize the reference images to one size"
+                )
+        return None, np.stack(images)
     if not path.is_file():
         raise FileNotFoundError(f"metrics.reference {str(path)!r} does not exist")
     with np.load(path) as data:

@@ -313,3 +313,42 @@ def test_pretokenize_skips_unreadable_images_resumes_after_a_kill_and_marks_comp
     datamodule = TokenDataModule(val_shards=str(tmp_path / "tokens"), batch_size=13, num_workers=0)
     datamodule.setup("validate")
     assert len(next(iter(datamodule.val_dataloader()))["key"]) == 13
+
+
+def test_pretokenize_shards_skip_broken_samples_and_truncated_tar_data(tmp_path):
+    from tests.test_generator_training import tokenizer_checkpoint
+    from titok_lightning import pretokenize
+
+    shards = jpeg_shards(tmp_path / "shards", broken={2})
+    with open(shards[1], "r+b") as file:
+        file.truncate(6000)  # the second shard breaks off after a few samples
+    tokens = tmp_path / "tokens"
+    pretokenize.main(
+        ["--tokenizer", str(tokenizer_checkpoint(tmp_path / "tok.ckpt")), "--data", str(tmp_path / "shards")]
+        + ["--out", str(tokens), "--no-flip", "--num-workers", "0", "--accelerator", "cpu", "--labels", "cls"]
+    )
+    info = json.loads((tokens / "train.json").read_text())
+    import webdataset as wds
+
+    complete = [
+        s for s in wds.tarfile_samples([{"url": shards[1]}], handler=lambda _: True) if {"jpg", "cls"} <= set(s)
+    ]
+    assert 0 < len(complete) < 16
+    assert info["shards"] == ["train-000000.tar", "train-000001.tar"]
+    assert [failure["where"] for failure in info["skipped"]] == [
+        f"sample '00002' of {shards[0]}",
+        f"tar data of {shards[1]}",
+    ]
+    assert info["num_samples"] == 15 + len(complete)
+
+
+def test_reference_folder_images_are_converted_and_sizes_checked(tmp_path):
+    from sample import load_reference
+
+    Image.fromarray(np.full((4, 4), 65535, dtype=np.uint16)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    statistics, images = load_reference(tmp_path)
+    assert statistics is None and images.shape == (2, 4, 4, 3) and images[0].min() == 255
+    Image.fromarray(np.zeros((5, 4, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    with pytest.raises(ValueError, match=r"reference image .*c.png is 4x5, a.png is 4x4: resize"):
+        load_reference(tmp_path)
