@@ -8,6 +8,9 @@ Sources: registry name and Hugging Face repo id (both from a fake, offline Huggi
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +40,7 @@ TINY_VQGAN = dict(
 )  # fmt: skip
 REPO = "tiny-owner/tiny-vqgan"
 COMMIT = "0" * 40
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_vqgan(seed: int) -> MaskGITVQGAN:
@@ -223,3 +227,29 @@ def test_offline_without_hf_hub_offline_fails_at_once(hf_cache, tiny_variant):
     assert REPO in message and "vqgan.bin" in message and "cannot be reached" in message
     assert f"`{download_command(REPO, ['vqgan.bin'])}`" in message and "HF_HUB_OFFLINE" in message
     assert download_command(REPO, ["x"]).startswith(("hf download", "huggingface-cli download"))
+
+
+def test_train_py_prints_the_offline_error_as_one_line(tmp_path):
+    """As typed: a recipe whose frozen teacher is not cached, on a machine that cannot reach the hub."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_ENDPOINT="http://127.0.0.1:9")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "train.py"),
+            "experiment=titok_b64",
+            "data=digits",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: model: ") and "Traceback" not in result.stderr
+    assert "\\n" not in error and "PretrainedNotAvailableError(" not in error
+    assert f"`{download_command('fun-research/TiTok', ['maskgit-vqgan-imagenet-f16-256.bin'])}`" in error
+    assert "HF_HUB_OFFLINE" in error
