@@ -379,6 +379,14 @@ def test_compile_option_keeps_state_dict_keys_and_trains(tmp_path, digits_cache)
     assert any(not torch.equal(v, before[k]) for k, v in module.model.state_dict().items())
 
 
+def test_gpu_recipes_compile_but_the_cpu_skips_inductor(tmp_path, digits_cache):
+    assert compose_train(["experiment=titok_b64"]).model.compile_modules == ["encoder", "decoder"]
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encoder,decoder]")
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 2
+    assert module.model.encoder._compiled_call_impl is None  # inductor on a CPU: eager, as the demo and tests
+
+
 def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
     module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encodr]")
     with pytest.raises(ValueError, match=r"'encodr' is not a submodule.*encoder.*decoder"):

@@ -72,7 +72,8 @@ class TrainingModule(L.LightningModule):
         nonfinite_max_consecutive: under ``"skip"``, stop (raise) after this many skipped steps in a row.
         compile_modules: submodules of ``self.model`` (dotted names) to ``torch.compile`` in place when fitting
             starts; a ``ModuleList`` compiles each of its blocks. Empty (default): eager. In-place compilation
-            keeps state-dict keys, so checkpoints, EMA and the converters are unaffected.
+            keeps state-dict keys, so checkpoints, EMA and the converters are unaffected. Skipped on a CPU with
+            the ``inductor`` backend (see :meth:`compile_submodules`).
         compile_backend, compile_mode: ``torch.compile``'s ``backend`` and ``mode``.
     """
 
@@ -173,8 +174,14 @@ class TrainingModule(L.LightningModule):
             self._compiled = True
 
     def compile_submodules(self) -> None:
-        """Compile each of ``compile_modules`` in place (``nn.Module.compile``); names are checked first."""
+        """Compile each of ``compile_modules`` in place (``nn.Module.compile``); names are checked first. On a CPU
+        the default ``inductor`` backend is skipped: the GPU recipes name their submodules, and inductor's C++ code
+        generation would cost CPU runs (tests, the demo) minutes; other backends compile on any device."""
         targets = [self._compile_target(name) for name in self.compile_modules]
+        on_cpu = self.trainer.strategy.root_device.type == "cpu"
+        if targets and on_cpu and self.compile_options["backend"] == "inductor":
+            rank_zero_info(f"compile_modules={list(self.compile_modules)}: not compiled on the CPU (inductor backend)")
+            return
         for target in targets:
             for module in target if isinstance(target, nn.ModuleList) else [target]:
                 module.compile(**self.compile_options)
