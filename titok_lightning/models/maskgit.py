@@ -243,6 +243,33 @@ class ImageBert(MaskGITGenerator):
             sd[f"{prefix}.attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
         return sd
 
+    @staticmethod
+    def to_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ours -> transformers ``BertModel`` keys (the inverse of :meth:`convert_reference_state_dict`)."""
+        sd = dict(state_dict)
+        for key in [k for k in sd if ".attn.qkv." in k]:
+            prefix, suffix = key.split(".attn.qkv.")
+            for name, part in zip(("query", "key", "value"), sd.pop(key).chunk(3, dim=0)):
+                sd[f"{prefix}.attn.{name}.{suffix}"] = part
+        if "pos_embed" in sd:
+            sd["pos_embed"] = sd["pos_embed"].squeeze(0)
+        return rename_keys(
+            sd,
+            [
+                (r"^lm_head\.", "model.lm_head."),
+                (r"^embeddings\.", "model.embeddings.word_embeddings."),
+                (r"^pos_embed$", "model.embeddings.position_embeddings.weight"),
+                (r"^token_type_embed$", "model.embeddings.token_type_embeddings.weight"),
+                (r"^embed_norm\.", "model.embeddings.LayerNorm."),
+                (r"^blocks\.(\d+)\.attn\.proj\.", r"model.encoder.layer.\1.attention.output.dense."),
+                (r"^blocks\.(\d+)\.norm1\.", r"model.encoder.layer.\1.attention.output.LayerNorm."),
+                (r"^blocks\.(\d+)\.attn\.(query|key|value)\.", r"model.encoder.layer.\1.attention.self.\2."),
+                (r"^blocks\.(\d+)\.mlp\.fc1\.", r"model.encoder.layer.\1.intermediate.dense."),
+                (r"^blocks\.(\d+)\.mlp\.fc2\.", r"model.encoder.layer.\1.output.dense."),
+                (r"^blocks\.(\d+)\.norm2\.", r"model.encoder.layer.\1.output.LayerNorm."),
+            ],
+        )
+
 
 class UViTBert(MaskGITGenerator):
     """U-ViT generator: ``num_layers // 2`` input blocks, a middle block and ``num_layers // 2`` output
