@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from titok_lightning.convert import CheckpointMismatchError, FromReferenceConfig, rename_keys
 from titok_lightning.models.blocks import TimestepEmbedder, init_trunc_normal, modulate, timestep_embedding
 from titok_lightning.models.diffusion import GaussianDiffusion
-from titok_lightning.models.mmdit import AdaLayerNormContinuous, JointAttention, MMDiT, convert_diffusers_keys
+from titok_lightning.models.mmdit import (
+    AdaLayerNormContinuous,
+    JointAttention,
+    MMDiT,
+    convert_diffusers_keys,
+    to_diffusers_keys,
+)
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
@@ -160,6 +166,21 @@ def _reference_sections(config: Mapping[str, Any]) -> tuple[Mapping[str, Any], M
         sample_aesthetic_score=mg.get("sample_aesthetic_score", 6.0),
     )
     return vq, mg, conditioning
+
+
+def _reference_sections_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The inverse of :func:`_reference_sections`: ``vq_model`` and ``maskgen`` sections with the shared arguments."""
+    vq = dict(num_latent_tokens=kwargs["num_tokens"], text_embed_dim=kwargs["text_embed_dim"])
+    mg = dict(
+        decoder_embed_dim=kwargs["embed_dim"],
+        decoder_depth=kwargs["depth"],
+        decoder_num_heads=kwargs["num_heads"],
+        micro_condition=kwargs["micro_condition"],
+        micro_condition_embed_dim=kwargs["micro_condition_embed_dim"],
+        text_drop_prob=kwargs["text_drop_prob"],
+        sample_aesthetic_score=kwargs["sample_aesthetic_score"],
+    )
+    return vq, mg
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,6 +365,31 @@ class MaskGenVQ(_TextConditionedGenerator):
             weight_tying=mg.get("weight_tying", True),
             mask_schedule=mg.get("mask_schedule_strategy", "arccos"),
         )
+
+    @classmethod
+    def reference_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        vq, mg = _reference_sections_of(kwargs)
+        vq["codebook_size"] = kwargs["codebook_size"]
+        mg.update(
+            condition_num_classes=kwargs["num_classes"],
+            weight_tying=kwargs["weight_tying"],
+            mask_schedule_strategy=kwargs["mask_schedule"],
+        )
+        return {"model": {"vq_model": vq, "maskgen": mg}}
+
+    @staticmethod
+    def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sd = to_diffusers_keys(state_dict, blocks="blocks", norm="norm", prefix="transformer.")
+        sd = rename_keys(
+            sd,
+            [
+                (r"^transformer\.context_embed\.", "text_embed_proj."),
+                (r"^transformer\.pooled_embed\.", "cond_pooled_proj."),
+            ],
+        )
+        if "lm_head.weight" not in sd:  # tied: the reference saves the table under both names
+            sd["lm_head.weight"] = sd["embeddings.weight"]
+        return sd
 
     @staticmethod
     def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -707,6 +753,31 @@ class MaskGenKL(_TextConditionedGenerator):
             diffloss_width=losses["diffloss_w"],
             diffusion_batch_mul=mg.get("diffusion_batch_mul", 4),
             num_sampling_steps=losses.get("num_sampling_steps", "100"),
+        )
+
+    @classmethod
+    def reference_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        vq, mg = _reference_sections_of(kwargs)
+        vq.update(token_size=kwargs["token_size"], scale_factor=kwargs["scale_factor"])
+        mg["diffusion_batch_mul"] = kwargs["diffusion_batch_mul"]
+        losses = dict(
+            diffloss_d=kwargs["diffloss_depth"],
+            diffloss_w=kwargs["diffloss_width"],
+            num_sampling_steps=kwargs["num_sampling_steps"],
+        )
+        return {"model": {"vq_model": vq, "maskgen": mg}, "losses": losses}
+
+    @staticmethod
+    def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        sd = to_diffusers_keys(state_dict, blocks="decoder_blocks", norm="decoder_norm", prefix="transformer.")
+        return rename_keys(
+            sd,
+            [
+                (r"^pos_embed$", "decoder_pos_embed_learned"),
+                (r"^diffusion_pos_embed$", "diffusion_pos_embed_learned"),
+                (r"^transformer\.context_embed\.", "text_emb."),
+                (r"^transformer\.pooled_embed\.", "text_pooled_emb."),
+            ],
         )
 
     @staticmethod

@@ -191,3 +191,27 @@ def convert_diffusers_keys(state_dict: Mapping[str, torch.Tensor], blocks: str, 
                 if all(name in sd for name in names):
                     sd[f"{block}.attn.{target}qkv.{kind}"] = torch.cat([sd.pop(name) for name in names], dim=0)
     return sd
+
+
+def to_diffusers_keys(state_dict: Mapping[str, torch.Tensor], blocks: str, norm: str, prefix: str) -> dict:
+    """The inverse of :func:`convert_diffusers_keys`: fused projections split back into q / k / v."""
+    sd = dict(state_dict)
+    fused = {"qkv": ("to_q", "to_k", "to_v"), "context_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+    for key in [k for k in sd if k.startswith(f"{prefix}blocks.") and k.rsplit(".", 2)[-2] in fused]:
+        block, name, kind = key.rsplit(".", 2)
+        for part, tensor in zip(fused[name], sd.pop(key).chunk(3, dim=0)):
+            sd[f"{block}.{part}.{kind}"] = tensor
+    p = prefix.replace(".", r"\.")
+    return rename_keys(
+        sd,
+        [
+            (rf"^{p}blocks\.(\d+)\.attn\.proj\.", rf"{blocks}.\1.attn.to_out.0."),
+            (rf"^{p}blocks\.(\d+)\.attn\.context_proj\.", rf"{blocks}.\1.attn.to_add_out."),
+            (rf"^{p}blocks\.(\d+)\.mlp\.fc1\.", rf"{blocks}.\1.ff.net.0.proj."),
+            (rf"^{p}blocks\.(\d+)\.mlp\.fc2\.", rf"{blocks}.\1.ff.net.2."),
+            (rf"^{p}blocks\.(\d+)\.context_mlp\.fc1\.", rf"{blocks}.\1.ff_context.net.0.proj."),
+            (rf"^{p}blocks\.(\d+)\.context_mlp\.fc2\.", rf"{blocks}.\1.ff_context.net.2."),
+            (rf"^{p}blocks\.(\d+)\.(norm1|norm1_context|attn)\.", rf"{blocks}.\1.\2."),
+            (rf"^{p}norm\.linear\.", rf"{norm}.linear."),
+        ],
+    )
