@@ -55,7 +55,9 @@ class SkippedSamplesCallback(Callback):
     def _report(trainer: pl.Trainer, counter, counts, scope: str) -> None:
         from datamodules.shards import SKIP_REASONS, skip_summary
 
-        folder = Path(trainer.log_dir or trainer.default_root_dir)
+        # not trainer.log_dir: it is a broadcast, and this runs on one rank (rank 0, or the failing rank)
+        logger = trainer.loggers[0] if trainer.loggers else None
+        folder = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
         print(f"data ({scope}): {skip_summary(counts, counter.sources)} (details: {folder / 'skipped_samples.json'})")
         names = [*counter.sources, "<unknown file>"]
         record = {
