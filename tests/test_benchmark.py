@@ -1,0 +1,52 @@
+"""scripts/benchmark.py's CPU dry run: every row of issue 12's table at micro sizes, one train.py run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STORED = ROOT.parent / "shared" / "bench" / "reference_h200.json"
+ROWS = [
+    "titok_b64 stage1 full step",
+    "titok_b64 stage2 full step",
+    "RAR-B training",
+    "MaskGIT-L32 training",
+    "MaskGIT-L32 training + tokenizer",
+    "RAR-B sampling B=128",
+    "RAR-B sampling B=64",
+    "MaskGIT-L32 sampling B=64",
+    "TiTok-L32 reconstruction B=64",
+]
+
+
+def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "scripts/benchmark.py", "--dry-run", "--train-runs", "rar_b", "--out", str(out)]
+    command += ["--reference", str(tmp_path / "no_reference_here")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    table = result.stdout.split("fp32 agreement")[1]
+    lines = {line[:34].strip(): line for line in table.splitlines() if line[:34].strip() in ROWS}
+    assert sorted(lines) == sorted(ROWS)
+    stored = json.loads(STORED.read_text())["results"]
+    report = json.loads(out.read_text())
+    assert report["reference"].startswith("stored")
+    for row in report["rows"]:
+        assert math.isfinite(row["img_per_s"]) and row["img_per_s"] > 0, row
+        assert math.isfinite(row["reference_img_per_s"]) and row["reference_img_per_s"] > 0, row
+        assert row["reference_note"].startswith("stored"), row
+        assert not row["agreement"].startswith("FAILED"), row
+        if "training" in row["row"] or "full step" in row["row"]:
+            assert row["flops_per_image"] > 0, row
+    # the stored figure of a row measured at the same batch is the JSON's, e.g. stage 1 at batch 32
+    stage1 = next(r for r in report["rows"] if r["row"] == "titok_b64 stage1 full step")
+    assert stage1["reference_img_per_s"] == stored["titok_b64_stage1_train"]["images_per_s"]
+    run = report["train_runs"]["rar_b"]
+    assert run["returncode"] == 0 and math.isfinite(run["img_per_s"]) and run["img_per_s"] > 0
