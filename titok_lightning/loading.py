@@ -295,13 +295,12 @@ def _tensors(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def is_project_checkpoint(checkpoint: Any) -> bool:
-    """A Lightning checkpoint written by this project's training modules."""
-    return (
-        isinstance(checkpoint, Mapping)
-        and isinstance(checkpoint.get("state_dict"), Mapping)
-        and isinstance(checkpoint.get("hyper_parameters"), Mapping)
-    )
+def is_project_checkpoint(checkpoint: Any, path: Path) -> bool:
+    """A Lightning checkpoint of this project's training: a ``.ckpt`` file, or any file with its hyper-parameters
+    (``.bin`` / ``.pt`` files with a ``state_dict`` wrapper hold reference weights)."""
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        return False
+    return path.suffix == ".ckpt" or isinstance(checkpoint.get("hyper_parameters"), Mapping)
 
 
 def checkpoint_model_state(
@@ -370,9 +369,10 @@ def read_weights(source: str | os.PathLike, use_ema: bool = True) -> Weights:
         if weights.suffix == ".safetensors":
             return Weights(load_state_dict_file(weights), True, str(weights), _read_config(config_path))
         checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
-        if is_project_checkpoint(checkpoint):
+        if is_project_checkpoint(checkpoint, weights):
             state = checkpoint_model_state(checkpoint, use_ema, str(weights))
-            return Weights(state, False, str(weights), hyper_parameters=dict(checkpoint["hyper_parameters"]))
+            hparams = checkpoint.get("hyper_parameters")
+            return Weights(state, False, str(weights), hyper_parameters=None if hparams is None else dict(hparams))
         return Weights(_tensors(checkpoint, weights), True, str(weights), _read_config(config_path))
     parts = source.strip("/").split("/")
     # a missing local path must not turn into a download: .ckpt files and paths under an existing folder are local
