@@ -1,6 +1,8 @@
-"""The ways the project is used, run as a user types them: Hydra launchers (submitit local, SLURM submission
-script), ``<Module>.load_from_checkpoint`` and ``Trainer.validate/test(ckpt_path=...)`` for every LightningModule on
-checkpoints written by train.py."""
+"""The ways the project is used, run as a user types them (the README's own command blocks, sweeps through the
+basic and submitit launchers included, run in tests/test_readme.py): the SLURM submission script,
+``<Module>.load_from_checkpoint`` and ``Trainer.validate/test(ckpt_path=...)`` for every LightningModule on
+checkpoints written by train.py, the run folder's log and logger hyperparameters, one-line errors, declared
+dependencies, the demo from another working directory."""
 
 from __future__ import annotations
 
@@ -35,26 +37,6 @@ def train_py(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600)
 
 
 # ---------------------------------------------------------------------------------------------- launchers
-def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, digits_cache):  # noqa: F811
-    result = train_py(
-        "-m",
-        "hydra/launcher=submitit_local",
-        "model.optimizer.lr=1e-4,2e-4",
-        *tiny_overrides("demo"),
-        "trainer.max_steps=2",
-        "trainer.limit_val_batches=1",
-        f"data.cache_dir={digits_cache}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (sweep,) = (tmp_path / "outputs" / "demo" / "multiruns").iterdir()
-    for job, lr in (("0", 1e-4), ("1", 2e-4)):
-        assert OmegaConf.load(sweep / job / "checkpoints" / "config.yaml").model.optimizer.lr == lr
-        assert torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
-    logs = [p.read_text() for p in (sweep / ".submitit").rglob("*_log.out")]
-    assert len(logs) == 2 and all("Job completed successfully" in text for text in logs)
-
-
 def test_slurm_launcher_config_is_a_complete_submission(tmp_path, monkeypatch):
     """The README's SLURM command with ``--cfg all --resolve``; submitit turns its launcher node into the sbatch
     script (a fake ``srun`` on PATH: submitit only checks that it exists)."""
