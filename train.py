@@ -121,10 +121,12 @@ def route_lightning_logs() -> None:
     files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
     for name in ("lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
-        if not logger.propagate:
-            for handler in files:
-                if handler not in logger.handlers:
-                    logger.addHandler(handler)
+        if logger.propagate:
+            continue
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)  # the previous job's of a multirun (a closed handler would reopen its file)
+        for handler in files:
+            logger.addHandler(handler)
 
 
 def instantiate_collection(cfg: DictConfig | None) -> list[Any]:

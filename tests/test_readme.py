@@ -113,3 +113,4 @@ def test_unmarked_blocks_run(tmp_path, digits_cache):  # noqa: F811
         jobs = [run / "0", run / "1"] if kind == "multiruns" else [run]
         for job in jobs:
             assert (job / "checkpoints" / "last.ckpt").is_file(), args
+            assert (job / "train.log").read_text().count("GPU available") == 1, args  # its own messages only
