@@ -414,7 +414,7 @@ def _fits(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> bool:
 
 def _candidates(
     spec: ModelSpec | None, config: Mapping[str, Any] | None, overrides: Mapping[str, Any]
-) -> list[tuple[type, dict[str, Any] | None]]:
+) -> list[tuple[type, dict[str, Any]]]:
     """(class, constructor kwargs) pairs to try, most specific first."""
     if spec is not None and config is None:
         return [(spec.model_cls, {**spec.kwargs, **overrides})]
