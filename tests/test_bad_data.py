@@ -167,13 +167,17 @@ def test_sample_command_refuses_zero_images_in_one_line(tmp_path):
 
 
 def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int) -> Path:
-    """A MaskGIT checkpoint in the layout of this project's generator training, as if saved at ``step``."""
+    """A MaskGIT checkpoint in the layout of this project's generator training, as if saved at ``step``: weights of
+    unit scale drawn from ``seed`` (a fresh init's small logits would let the sampling noise alone pick the tokens)."""
     from tests.test_generator_training import tiny_generator_spec
     from titok_lightning.lit.tokenizer import build_model
 
     spec = {**tiny_generator_spec("MaskGITModule", "maskgit_titok_b64"), "num_classes": 10}
-    torch.manual_seed(seed)
-    state = {f"model.{k}": v for k, v in build_model(spec).state_dict().items()}
+    weights = torch.Generator().manual_seed(seed)
+    state = {
+        f"model.{k}": torch.randn(v.shape, generator=weights) if v.is_floating_point() else v
+        for k, v in build_model(spec).state_dict().items()
+    }
     hparams = {"generator": spec, "tokenizer": str(tokenizer_ckpt)}
     torch.save({"hyper_parameters": hparams, "state_dict": state, "global_step": step}, path)
     return path
@@ -315,7 +319,7 @@ def test_pretokenize_skips_unreadable_images_resumes_after_a_kill_and_marks_comp
     assert len(next(iter(datamodule.val_dataloader()))["key"]) == 13
 
 
-def test_pretokenize_shards_skip_broken_samples_and_truncated_tar_data(tmp_path):
+def test_pretokenize_shards_skip_broken_samples_and_truncated_tar_data(tmp_path, capsys):
     from tests.test_generator_training import tokenizer_checkpoint
     from titok_lightning import pretokenize
 
@@ -323,10 +327,9 @@ def test_pretokenize_shards_skip_broken_samples_and_truncated_tar_data(tmp_path)
     with open(shards[1], "r+b") as file:
         file.truncate(6000)  # the second shard breaks off after a few samples
     tokens = tmp_path / "tokens"
-    pretokenize.main(
-        ["--tokenizer", str(tokenizer_checkpoint(tmp_path / "tok.ckpt")), "--data", str(tmp_path / "shards")]
-        + ["--out", str(tokens), "--no-flip", "--num-workers", "0", "--accelerator", "cpu", "--labels", "cls"]
-    )
+    arguments = ["--tokenizer", str(tokenizer_checkpoint(tmp_path / "tok.ckpt")), "--data", str(tmp_path / "shards")]
+    arguments += ["--out", str(tokens), "--no-flip", "--num-workers", "0", "--accelerator", "cpu", "--labels", "cls"]
+    pretokenize.main(arguments)
     info = json.loads((tokens / "train.json").read_text())
     import webdataset as wds
 
@@ -340,6 +343,12 @@ def test_pretokenize_shards_skip_broken_samples_and_truncated_tar_data(tmp_path)
         f"tar data of {shards[1]}",
     ]
     assert info["num_samples"] == 15 + len(complete)
+
+    # run again: nothing to do with the same settings, refused with others
+    pretokenize.main(arguments)
+    assert "already holds the complete split 'train'" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match=r"a complete pretokenize run of split 'train' with other settings \("):
+        pretokenize.main([*arguments, "--ten-crop"])
 
 
 def test_reference_folder_images_are_converted_and_sizes_checked(tmp_path):

@@ -317,19 +317,20 @@ def _prepare_output(args: argparse.Namespace, settings: dict[str, Any]) -> str:
         if os.path.exists(done):
             os.remove(done)
         shutil.rmtree(progress, ignore_errors=True)
-    elif os.path.isfile(done):
-        return "complete"
-    elif os.path.isdir(progress):
-        with open(os.path.join(progress, "settings.json"), encoding="utf-8") as file:
+    elif os.path.isfile(done) or os.path.isfile(os.path.join(progress, "settings.json")):
+        complete = os.path.isfile(done)
+        with open(done if complete else os.path.join(progress, "settings.json"), encoding="utf-8") as file:
             previous = json.load(file)
+        previous = previous.get("settings", {}) if complete else previous
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if changed:
             return (
-                f"{args.out} holds an unfinished pretokenize run of split {args.split!r} with other settings "
-                f"({', '.join(changed)} differ); rerun it as it was, or pass --overwrite to start afresh"
+                f"{args.out} holds {'a complete' if complete else 'an unfinished'} pretokenize run of split "
+                f"{args.split!r} with other settings ({', '.join(changed)} differ); pass --overwrite to start afresh"
+                + ("" if complete else " (or rerun it as it was)")
             )
-        return "go"
-    elif outputs:
+        return "complete" if complete else "go"
+    elif outputs and not os.path.isdir(progress):  # a run killed before its settings were written has no parts
         return (
             f"{len(outputs)} file(s) of split {args.split!r} already exist in {args.out} (e.g. {outputs[0]}) but no "
             f"record of a pretokenize run; pass --overwrite to replace them"
@@ -377,7 +378,7 @@ def pretokenize(fabric, args: argparse.Namespace) -> None:
         _write_json(os.path.join(progress, f"{index:06d}.json"), record)  # the part is done once this exists
     fabric.barrier()
     if fabric.is_global_zero:
-        _finish(args, info, len(parts), progress)
+        _finish(args, {**info, "settings": settings}, len(parts), progress)
 
 
 def _finish(args: argparse.Namespace, info: dict[str, Any], num_parts: int, progress: str) -> None:
