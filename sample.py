@@ -1,10 +1,10 @@
 """Generate images for evaluation (or reconstruct a validation set), configured by Hydra (conf/sample.yaml).
 
     python sample.py ckpt_path=outputs/rar_b/runs/<time>/checkpoints/last.ckpt      # a generator trained here (EMA)
-    python sample.py model=rar_xl metrics.reference=VIRTUAL_imagenet256_labeled.npz  # official weights
-    python sample.py model=maskgen_vq_l prompts_file=captions.txt num_per_class=4     # text-to-image
+    python sample.py generator=rar_xl metrics.reference=VIRTUAL_imagenet256_labeled.npz  # official weights
+    python sample.py generator=maskgen_vq_l prompts_file=captions.txt num_per_class=4     # text-to-image
     python sample.py ckpt_path=... trainer.devices=8 trainer.strategy=ddp             # multi-GPU (DDP)
-    python sample.py mode=reconstruct tokenizer=titok_b64 data.val_shards='/data/in1k/val-{0000..0009}.tar'
+    python sample.py mode=reconstruct tokenizer=titok_b64 "data.val_shards='/data/in1k/val-{0000..0009}.tar'"
 
 Generation follows the reference's protocol: ``num_per_class`` images of every class (50 x 1000 = 50,000 for
 ImageNet; image ``i`` has class ``i % num_classes``), or of every prompt of ``prompts_file`` for MaskGen. Images are
@@ -80,8 +80,8 @@ CHUNK_SEED_STRIDE = 1_000_003
 
 def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer, nn.Module | None, str]:
     """(generator in eval mode, frozen tokenizer, CLIP text encoder or None, a name for the output folder)."""
-    if (cfg.ckpt_path is None) == (cfg.model is None):
-        raise ValueError("give exactly one of ckpt_path=<generator .ckpt of this project> or model=<official name>")
+    if (cfg.ckpt_path is None) == (cfg.generator is None):
+        raise ValueError("give exactly one of ckpt_path=<generator .ckpt of this project> or generator=<official name>")
     text_encoder_spec = plain(cfg.text_encoder)
     if cfg.ckpt_path is not None:
         generator, hparams = load_trained(cfg.ckpt_path, "generator", use_ema=cfg.use_ema)
@@ -89,9 +89,9 @@ def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer,
         text_encoder_spec = hparams.get("text_encoder", text_encoder_spec)
         name = f"{Path(cfg.ckpt_path).stem}"
     else:
-        generator = load_pretrained(str(cfg.model), variant=cfg.model_variant)
-        tokenizer_source = cfg.tokenizer or OFFICIAL_TOKENIZERS.get(str(cfg.model_variant or cfg.model))
-        name = Path(str(cfg.model)).stem
+        generator = load_pretrained(str(cfg.generator), variant=cfg.generator_variant)
+        tokenizer_source = cfg.tokenizer or OFFICIAL_TOKENIZERS.get(str(cfg.generator_variant or cfg.generator))
+        name = Path(str(cfg.generator)).stem
     if tokenizer_source is None:
         raise ValueError("which tokenizer decodes this generator's tokens? set tokenizer=<name, file or .ckpt>")
     tokenizer = load_frozen_tokenizer(plain(tokenizer_source))
@@ -483,7 +483,7 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
     trainer = L.Trainer(**plain(cfg.trainer), logger=False, enable_checkpointing=False)
     if trainer.is_global_zero:
         identity = {
-            "source": str(cfg.ckpt_path or cfg.model),
+            "source": str(cfg.ckpt_path or cfg.generator),
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "sampling": sampling,
