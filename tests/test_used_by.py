@@ -129,16 +129,17 @@ def test_load_from_checkpoint_without_a_trainer(module_name, tmp_path, digits_ca
     cfg, ckpt = train_one_step(module_name, tmp_path, digits_cache, tiny_data)
     cls = hydra.utils.get_class(cfg.model._target_)
     assert cls.__name__ == module_name
-    loaded = cls.load_from_checkpoint(ckpt, map_location="cpu")
-    assert type(loaded) is cls and loaded._trainer is None
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    state = loaded.state_dict()
-    # every saved tensor (the EMA weights of the trained network, discriminator, buffers) comes back as saved;
-    # what the file leaves out is the frozen helpers, rebuilt from their own source
-    assert saved.keys() <= state.keys()
-    assert all(key.startswith(loaded.frozen_prefixes()) for key in state.keys() - saved.keys())
-    for key, value in saved.items():
-        assert torch.equal(state[key], value), key
+    for device in ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]:
+        loaded = cls.load_from_checkpoint(ckpt, map_location=device)
+        assert type(loaded) is cls and loaded._trainer is None and loaded.device.type == device
+        state = loaded.state_dict()
+        # every saved tensor (the EMA weights of the trained network, discriminator, buffers) comes back as saved;
+        # what the file leaves out is the frozen helpers, rebuilt from their own source
+        assert saved.keys() <= state.keys()
+        assert all(key.startswith(loaded.frozen_prefixes()) for key in state.keys() - saved.keys())
+        for key, value in saved.items():
+            assert torch.equal(state[key].cpu(), value), key
 
 
 def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_cache):  # noqa: F811
