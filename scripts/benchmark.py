@@ -651,6 +651,49 @@ def run_ours_reconstruct(row: Row, result: Result, workdir: Path) -> None:
     result.ips, result.peak, result.dtype = batch / statistics.median(times), peak_gib(), "bf16 autocast"
 
 
+# ------------------------------------------------------------------------------------ the teacher option
+TEACHER_ROW = "proxy-code teacher"
+
+
+def teacher_option(args) -> dict[str, Any]:
+    """The stage-1 teacher (``model.teacher_dtype`` / ``model.teacher_channels_last``): img/s in fp32 (the
+    reference), bf16 and bf16 + channels-last, and the share of positions whose bf16 codes equal the fp32 ones
+    (the option stays off unless >= 99.5% with the official weights; random weights say nothing)."""
+    from titok_lightning.lit.tokenizer import proxy_codes
+
+    spec = teacher_spec()
+    if args.teacher_weights:
+        from titok_lightning.hub import load_pretrained
+
+        teacher, weights = load_pretrained(str(args.teacher_weights)), str(args.teacher_weights)
+    else:
+        from titok_lightning.registry import create_model
+
+        teacher, weights = create_model(spec.pop("name"), **{k: v for k, v in spec.items() if k != "pretrained"}), ""
+    teacher = teacher.to(Env.device).eval()
+    batch, size = (2, 32) if args.micro else (32, 256)
+    # smooth images (bicubic upsampled noise): codes of white noise would test nothing photo-like
+    low = torch.rand(batch, 3, size // 16, size // 16, device=Env.device)
+    pixels = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic").clamp(0, 1)
+    fp32_codes = proxy_codes(teacher, pixels)
+    out: dict[str, Any] = {"weights": weights or "random (agreement not meaningful)", "batch": batch}
+    for label, dtype, channels_last in (
+        ("fp32", "float32", False),
+        ("bf16", "bfloat16", False),
+        ("bf16_channels_last", "bfloat16", True),
+    ):
+        if channels_last:
+            teacher.to(memory_format=torch.channels_last)
+
+        def run(dtype=dtype, channels_last=channels_last) -> torch.Tensor:
+            return proxy_codes(teacher, pixels, dtype, channels_last)
+
+        times = time_calls(run, args.warmup, args.iters)
+        same = (run() == fp32_codes).float().mean().item()
+        out[label] = {"img_per_s": batch / statistics.median(times), "codes_equal_fp32": same}
+    return out
+
+
 # ------------------------------------------------------------------------------------------- the reference
 def find_bench_file(name: str) -> Path | None:
     return next((d / name for d in BENCH_DIRS if (d / name).is_file()), None)
@@ -699,7 +742,7 @@ def run_reference(row: Row, result: Result) -> None:
     figures = _REFERENCE_RESULTS[key]
     result.ref_ips = figures.get(row.ref_key)
     result.ref_peak = figures.get("bf16_peak_mem_GB" if row.ref_key.startswith("bf16") else "peak_mem_GB")
-    result.ref_note = figures.get("error", f"measured, {figures.get('dtype', '')}".strip(", "))
+    result.ref_note = figures.get("error", f"measured, {figures.get('dtype', '').split(' (')[0]}")
 
 
 def stored_reference(row: Row, result: Result, stored: dict | None) -> None:
@@ -912,6 +955,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sample-warmup", type=int, default=1)
     parser.add_argument("--sample-iters", type=int, default=2)
+    parser.add_argument("--teacher-weights", type=Path, default=None, help="official MaskGIT-VQGAN weights file")
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the device name)")
     parser.add_argument("--train-runs", nargs="*", default=list(TRAIN_RUNS), help="train.py experiments ([]: none)")
     parser.add_argument("--no-train-runs", action="store_true")
@@ -969,6 +1013,16 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
             results.append(result)
         print_table(results, peak)
+        teacher = {}
+        if not args.rows or any(s in TEACHER_ROW for s in args.rows):
+            teacher = teacher_option(args)
+            print(f"\n{TEACHER_ROW}, batch {teacher['batch']}, weights: {teacher['weights']}")
+            for label in ("fp32", "bf16", "bf16_channels_last"):
+                figures = teacher[label]
+                print(
+                    f"  {label:<20}{figures['img_per_s']:>10.1f} img/s   codes equal to fp32: "
+                    f"{figures['codes_equal_fp32']:.2%}"
+                )
         runs = train_runs(args) if args.train_runs else {}
     if runs:
         print(f"\ntrain.py runs on synthetic shards, {args.train_steps} steps each (steady-state: the last 80% of the "
@@ -1000,6 +1054,7 @@ def main(argv=None) -> int:
                 }
                 for r in results
             ],
+            "teacher_option": teacher,
             "train_runs": runs,
         }
         args.out.write_text(json.dumps(payload, indent=1, default=str))

@@ -104,19 +104,36 @@ class TiTokStage1Module(TokenizerModule):
     Args:
         teacher: ``{"name": "maskgit_vqgan_f16_256", "pretrained": <source or null>, **overrides}``.
         loss: :class:`~titok_lightning.losses.Stage1Loss` arguments (``quantizer_weight``).
+        teacher_dtype: ``"float32"`` (the reference) or ``"bfloat16"``: the teacher's encoder under bf16 autocast,
+            its nearest-code search in fp32. Off until its codes are measured to agree with fp32 codes on >= 99.5% of
+            positions with the official weights (``scripts/benchmark.py --rows teacher``).
+        teacher_channels_last: run the teacher's convolutions in channels-last memory format.
     """
 
-    def __init__(self, tokenizer: Mapping[str, Any], teacher: Mapping[str, Any], loss: Mapping[str, Any], **kwargs):
+    def __init__(
+        self,
+        tokenizer: Mapping[str, Any],
+        teacher: Mapping[str, Any],
+        loss: Mapping[str, Any],
+        teacher_dtype: str = "float32",
+        teacher_channels_last: bool = False,
+        **kwargs,
+    ):
         super().__init__(tokenizer, **kwargs)
+        if teacher_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"teacher_dtype must be 'float32' or 'bfloat16', got {teacher_dtype!r}")
         self.teacher = load_spec(teacher, "teacher")
         self.freeze("teacher")
+        self.teacher_dtype = teacher_dtype
+        self.teacher_channels_last = teacher_channels_last
+        if teacher_channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
         self.loss = Stage1Loss(**plain(loss))
         _check_proxy_targets(self.model, self.teacher)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         images = batch["image"]
-        with self.frozen_precision():
-            target_codes = self.teacher.encode(images.float())
+        target_codes = proxy_codes(self.teacher, images, self.teacher_dtype, self.teacher_channels_last)
         with self.optimizing("model"):
             logits, info = self.model(images)
             loss, logs = self.loss(target_codes, logits, info)
@@ -128,6 +145,21 @@ class TiTokStage1Module(TokenizerModule):
         logits, info = self.model(batch["image"])
         with self.frozen_precision():
             return self.teacher.decode(logits.argmax(dim=1)), info
+
+
+@torch.no_grad()
+def proxy_codes(
+    teacher: nn.Module, images: torch.Tensor, dtype: str = "float32", channels_last: bool = False
+) -> torch.Tensor:
+    """The MaskGIT-VQGAN teacher's codes [B, h, w] of images [B, 3, H, W] in [0, 1]: fp32 outside autocast as the
+    reference, or (``dtype="bfloat16"``) the encoder under bf16 autocast and the nearest-code search in fp32."""
+    images = images.float()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(images.device.type, enabled=False):
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            latents = teacher.encoder(images)
+        return teacher.quantize.nearest_indices(latents.float())
 
 
 def _check_proxy_targets(model: nn.Module, teacher: nn.Module) -> None:
