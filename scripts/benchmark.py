@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import csv
+import gc
 import importlib.util
 import json
 import math
@@ -223,6 +224,7 @@ def sync() -> None:
 
 
 def reset_peak() -> None:
+    gc.collect()  # the previous row's networks
     if Env.device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -843,8 +845,8 @@ def write_train_data(workdir: Path, tiny: bool) -> dict[str, Path]:
     from titok_lightning.models.rar import RAR
 
     gpu_check = _load_script("gpu_check")
-    count = 16 if tiny else 2048
-    train, val = gpu_check.make_shards(workdir, count, 8 if tiny else 256)
+    count = 16 if tiny else 512  # the training sets resample their shards: a few hundred images are enough
+    train, val = gpu_check.make_shards(workdir, count, 8 if tiny else 128)
     rar = generator_spec("rar_b", RAR, reference_config("rar_b"))
     jsonl = workdir / "tokens.jsonl"
     generator = torch.Generator().manual_seed(0)

@@ -42,7 +42,7 @@ run)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/bench_$part.log"
   case "$part" in
   rows) args=(--reference .ref --no-train-runs) ;;
-  train) args=(--rows none --train-steps 200 --workdir .device/bench_train) ;;
+  train) args=(--rows none --train-steps 150 --workdir .device/bench_train) ;;
   *) echo "unknown part $part (rows or train)" >&2; exit 2 ;;
   esac
   set -o pipefail
