@@ -978,21 +978,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = Env.args = parse_args(argv)
-    Env.device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    Env.device = torch.device(args.device)
     if Env.device.type == "cuda":
         # as the reference's training and sampling scripts (and this project's float32_matmul_precision: high)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name() if Env.device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    why_not = import_reference(args.reference)
+    rows = [r for r in ROWS if not args.rows or any(s in r.name for s in args.rows)]
+    why_not = import_reference(args.reference) if rows else "no row selected"
     stored = None
-    if why_not:
+    if rows and why_not:
         stored_path = find_bench_file("reference_h200.json")
         stored = json.loads(stored_path.read_text()) if stored_path else None
         print(f"# reference not run ({why_not}): reference figures are the STORED ones of {stored_path}", flush=True)
     print(f"# {name}, torch {torch.__version__}, {'tiny sizes' if args.tiny else 'full size'}", flush=True)
-    rows = [r for r in ROWS if not args.rows or any(s in r.name for s in args.rows)]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = args.workdir or Path(tmp) / "train_runs"
@@ -1014,7 +1016,8 @@ def main(argv=None) -> int:
             print(f"# {row.name}: ours {fmt(result.ips)} img/s, reference {fmt(result.ref_ips)} img/s "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
             results.append(result)
-        print_table(results, peak)
+        if results:
+            print_table(results, peak)
         teacher = {}
         if not args.rows or any(s in TEACHER_ROW for s in args.rows):
             teacher = teacher_option(args)
