@@ -212,7 +212,9 @@ def check_output_identity(output_dir: Path, identity: dict[str, Any], overwrite:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             if not overwrite:
                 detail = ""
-                if "weights" in changed:
+                if "weights" not in previous:
+                    detail = " (the folder predates weight fingerprints)"
+                elif "weights" in changed:
                     steps = previous.get("checkpoint_step"), identity.get("checkpoint_step")
                     detail = f" (the model's weights changed; checkpoint step {steps[0]} -> {steps[1]})"
                 raise ValueError(
@@ -443,6 +445,13 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
     module = ReconstructionModule(tokenizer, text_encoder, cfg.data.class_prompt)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     results = dict(metrics.last_metrics)
+    # unreadable validation images are skipped: say how many, or the metrics would silently cover fewer images
+    counts = torch.from_numpy(datamodule.skip_counter.counts()).to(trainer.strategy.root_device)
+    skipped = trainer.strategy.reduce(counts, reduce_op="sum").cpu().numpy()
+    if trainer.is_global_zero and skipped.sum():
+        from datamodules.shards import skip_summary
+
+        print(f"reconstruction data: {skip_summary(skipped, datamodule.skip_counter.sources)}")
     if trainer.is_global_zero:
         evaluator = "injected feature extractor" if feature_extractor is not None else "torch-fidelity InceptionV3"
         print(f"reconstruction of {cfg.data.val_shards} with {cfg.tokenizer} (evaluator: {evaluator})")

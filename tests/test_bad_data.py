@@ -361,3 +361,17 @@ def test_reference_folder_images_are_converted_and_sizes_checked(tmp_path):
     Image.fromarray(np.zeros((5, 4, 3), dtype=np.uint8)).save(tmp_path / "c.png")
     with pytest.raises(ValueError, match=r"reference image .*c.png is 4x5, a.png is 4x4: resize"):
         load_reference(tmp_path)
+
+
+def test_reconstruction_mode_says_how_many_validation_images_it_skipped(tmp_path, capsys):
+    import sample
+    from tests.test_generator_training import compose_sample, tiny_extractor, tokenizer_checkpoint
+
+    shards = jpeg_shards(tmp_path / "val", broken={5})
+    overrides = [f"tokenizer={tokenizer_checkpoint(tmp_path / 'tok.ckpt')}", "mode=reconstruct"]
+    overrides += [f"data.val_shards={tmp_path / 'val'}", "data.num_workers=0", "batch_size=8", "metrics.is_splits=2"]
+    sample.run(compose_sample([*overrides, "trainer.accelerator=cpu"], tmp_path), feature_extractor=tiny_extractor)
+    assert (
+        f"reconstruction data: skipped 1 unreadable samples (1 corrupt or truncated image); by file: {shards[0]}: 1"
+        in (capsys.readouterr().out)
+    )
