@@ -231,7 +231,7 @@ class StepLogger(Logger):
 
 
 class Capture(Callback):
-    """Per rank: one thread and deterministic kernels; the codes of every step (hooked on the loss' inputs), the LeCam
+    """Per rank: one thread; the codes of every step (hooked on the loss' inputs), the LeCam
     buffers after every step, and at the end the weights, EMA, discriminator and logged records, saved to
     ``<folder>/rank<r>.pt``."""
 
@@ -343,7 +343,7 @@ def assert_close(actual: float, expected: float, tol: dict, what: str) -> None:
     assert abs(actual - expected) <= bound, f"{what}: {actual!r} vs reference {expected!r} (|diff| > {bound:.3g})"
 
 
-def check_step_values(fixture: dict, records: list[dict[str, float]], losses: bool = True) -> None:
+def check_step_values(fixture: dict, records: list[dict[str, float]]) -> None:
     """Every per-step value of the fixture against the logged record of that step."""
     tol = fixture["atol_rtol"]
     assert len(records) == fixture["steps"], f"{len(records)} logged steps, the fixture has {fixture['steps']}"
@@ -363,7 +363,7 @@ def check_step_values(fixture: dict, records: list[dict[str, float]], losses: bo
             assert lrs, f"step {step}: no learning rate logged for {role}"
             for lr in lrs:
                 assert_close(lr, values["lr"], tol["lr"], f"step {step} lr/{role}")
-            for key, value in values["losses"].items() if losses else ():
+            for key, value in values["losses"].items():
                 assert_close(logged[f"train/{key}"], value, tol["losses"][tol_prefix + key], f"step {step} {key}")
         if "ema_decay" in expected:
             assert_close(logged["train/ema_decay"], expected["ema_decay"], tol["ema_decay"], f"step {step} ema_decay")
