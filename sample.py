@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
 from titok_lightning.lit.generator import generate_images
-from titok_lightning.loading import load_pretrained, load_trained, plain
+from titok_lightning.loading import checkpoint_global_step, load_pretrained, load_trained, plain
 from titok_lightning.metrics import (
     FeatureExtractor,
     FeatureStatistics,
@@ -476,10 +476,7 @@ def default_output_dir(cfg: DictConfig, name: str) -> Path:
 
 def checkpoint_step(ckpt_path: str | None) -> int | None:
     """The training step recorded in a Lightning checkpoint (for messages), None for other weight sources."""
-    if ckpt_path is None:
-        return None
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return checkpoint.get("global_step")
+    return None if ckpt_path is None else checkpoint_global_step(ckpt_path)
 
 
 def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, Any]:

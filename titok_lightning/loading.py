@@ -329,6 +329,11 @@ def load_model_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict
     return checkpoint_model_state(checkpoint, use_ema, os.fspath(path))
 
 
+def checkpoint_global_step(path: str | os.PathLike) -> int | None:
+    """The optimizer step a Lightning checkpoint was written at (memory-mapped: its tensors are not read)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+
+
 def _read_config(path: Path | None) -> dict[str, Any] | None:
     if path is None:
         return None
