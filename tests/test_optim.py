@@ -80,13 +80,18 @@ def test_discriminator_schedule_starts_at_its_own_step_with_the_model_shape():
     assert rates[0] == 0.0 and math.isclose(rates[warmup], disc_lr) and math.isclose(rates[-1], disc_lr * 0.1)
 
 
-def test_fused_adamw_only_for_cuda_parameters_without_a_grad_scaler():
-    cuda_param = SimpleNamespace(is_cuda=True)  # the decision reads only the device
+def test_fused_adamw_for_cuda_parameters_also_under_a_grad_scaler(monkeypatch):
+    import titok_lightning.lit.optim as optim
+
+    monkeypatch.setattr(optim, "is_sharded", lambda tensor: getattr(tensor, "sharded", False))
+    cuda_param = SimpleNamespace(is_cuda=True)  # the decision reads only the device (and sharding)
     cpu_param = torch.zeros(2, requires_grad=True)
-    for precision in ("bf16-mixed", "32-true", "bf16-true", "16-true"):
+    for precision in ("bf16-mixed", "32-true", "bf16-true", "16-true", "16-mixed"):
         assert fused_adamw_applies([cuda_param, cuda_param], precision), precision
         assert not fused_adamw_applies([cuda_param, cpu_param], precision), precision
-    assert not fused_adamw_applies([cuda_param], "16-mixed")  # GradScaler: clipping must follow unscaling
+    sharded = SimpleNamespace(is_cuda=True, sharded=True)
+    assert not fused_adamw_applies([sharded], "16-mixed")  # FSDP under a GradScaler: multi-tensor path
+    assert fused_adamw_applies([sharded], "bf16-mixed")
     assert not fused_adamw_applies([cuda_param], None)
     assert not fused_adamw_applies([], "bf16-mixed")
 

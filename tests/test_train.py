@@ -387,6 +387,37 @@ def test_gpu_recipes_compile_but_the_cpu_skips_inductor(tmp_path, digits_cache):
     assert module.model.encoder._compiled_call_impl is None  # inductor on a CPU: eager, as the demo and tests
 
 
+def test_fused_adamw_under_a_grad_scaler_clips_unscaled_gradients(tmp_path, digits_cache, monkeypatch):
+    # the fused kernel is chosen on CUDA only; forced here to run the 16-mixed path of a fused AdamW on the CPU
+    # (Lightning would turn precision="16-mixed" into bf16 on a CPU: the plugin is given explicitly)
+    from lightning.pytorch.plugins import MixedPrecision
+
+    import titok_lightning.lit.optim as optim
+
+    results = {}
+    for fused in (False, True):
+        monkeypatch.setattr(optim, "fused_adamw_applies", lambda params, precision, fused=fused: fused)
+        L.seed_everything(0)
+        module, _, data = _demo_module_and_trainer(tmp_path / f"fused_{fused}", digits_cache)
+        trainer = L.Trainer(
+            accelerator="cpu",
+            max_steps=3,
+            plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))],
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+        )
+        trainer.fit(module, datamodule=data)
+        assert trainer.optimizers[0].defaults["fused"] is fused and trainer.precision_plugin.scaler is not None
+        norm = float(trainer.callback_metrics["train/grad_norm/model"])
+        results[fused] = norm, {k: v.clone() for k, v in module.model.state_dict().items()}
+    (plain_norm, plain_weights), (fused_norm, fused_weights) = results[False], results[True]
+    assert fused_norm == pytest.approx(plain_norm, rel=1e-3)  # a scaled norm would be ~65536 times larger
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(fused_weights[key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
     module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encodr]")
     with pytest.raises(ValueError, match=r"'encodr' is not a submodule.*encoder.*decoder"):

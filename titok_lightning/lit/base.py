@@ -277,13 +277,16 @@ class TrainingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Clip (after AMP unscaling), log the gradient norm, and apply the non-finite policy."""
         role = self._role_of_optimizer.get(id(optimizer), "model")
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scaler.unscale_(optimizer)  # Lightning leaves it to a fused optimizer's step: clipping must see it first
         norm = self._clip_gradients(optimizer)
         self.log(f"train/grad_norm/{role}", norm, on_step=True, on_epoch=False)
+        if scaler is not None:
+            return  # 16-mixed: overflow is expected now and then; the GradScaler skips the step and backs off
         if bool(torch.isfinite(norm)):  # one host sync per optimizer step, after the backward pass
             self._consecutive_skips[role] = 0
             return
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return  # 16-mixed: overflow is expected now and then; the GradScaler skips the step and backs off
         terms = {k: float(v) for k, v in self._last_losses.get(role, {}).items()}
         if self.nonfinite == "raise":
             raise NonFiniteLossError(

@@ -48,15 +48,18 @@ GRAD_SCALER_PRECISIONS = ("16-mixed", "16")
 
 
 def fused_adamw_applies(params: Iterable[torch.Tensor], precision: str | int | None) -> bool:
-    """Whether the fused (single-kernel) AdamW can be used: every parameter on CUDA and no GradScaler.
+    """Whether the fused (single-kernel) AdamW is used: every parameter on CUDA, the trainer's ``precision`` known.
 
-    The fused kernel unscales gradients inside ``step`` when a GradScaler drives it, which would come after our
-    clipping in ``on_before_optimizer_step``; without a scaler (bf16-mixed, 32-true, bf16-true) it is exact.
-    ``precision`` is the trainer's (``trainer.precision``); ``None`` (unknown) keeps the multi-tensor path.
+    Under a GradScaler (16-mixed) too, for unsharded parameters: ``TrainingModule.on_before_optimizer_step``
+    unscales before clipping (Lightning leaves that to a fused optimizer's ``step``), and the scaler then hands
+    the kernel its found-inf flag, so an overflow skips the step on the device without a host sync. Sharded
+    (FSDP) parameters keep the multi-tensor path there. ``None`` (unknown precision) keeps the multi-tensor path.
     """
-    if precision is None or str(precision) in GRAD_SCALER_PRECISIONS:
+    if precision is None:
         return False
     params = list(params)
+    if str(precision) in GRAD_SCALER_PRECISIONS and any(is_sharded(p) for p in params):
+        return False
     return bool(params) and all(p.is_cuda for p in params)
 
 
