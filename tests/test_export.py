@@ -93,9 +93,10 @@ def test_export_writes_the_reference_layout_and_reads_back(tmp_path, name):
 
 
 def test_an_argument_the_reference_cannot_express_is_refused():
-    model_cls, kwargs, model, _ = fixture_model("titok_vq_single")
-    with pytest.raises(ValueError, match="cannot express clustering_vq=True"):
-        reference_layout(model_cls, {**kwargs, "clustering_vq": True}, model.state_dict())
+    model_cls, kwargs, model, _ = fixture_model("rar")
+    eager = {**kwargs, "sampling": {**kwargs["sampling"], "kv_cache": False}}
+    with pytest.raises(ValueError, match="RAR: the reference config cannot express sampling="):
+        reference_layout(model_cls, eager, model.state_dict())
 
 
 class TinyTraining(L.LightningModule):

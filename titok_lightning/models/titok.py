@@ -436,6 +436,8 @@ class TiTok(FromReferenceConfig, nn.Module):
                 codebook_size=vq["codebook_size"],
                 commitment_cost=vq["commitment_cost"],
                 use_l2_norm=vq["use_l2_norm"],
+                # TA-TiTok's; the reference's TiTok neither reads nor writes it (training only, as embed_prob)
+                clustering_vq=vq.get("clustering_vq", False),
             )
         return kwargs
 
@@ -474,6 +476,7 @@ class TiTok(FromReferenceConfig, nn.Module):
                 codebook_size=kwargs["codebook_size"],
                 commitment_cost=kwargs["commitment_cost"],
                 use_l2_norm=kwargs["use_l2_norm"],
+                clustering_vq=kwargs["clustering_vq"],
             )
         patched: dict[str, Any] = {}
         if kwargs["num_proxy_codes"] != 1024:
@@ -531,8 +534,6 @@ class TATiTok(TiTok):
             text_context_length=vq.get("text_context_length", 77),
             text_embed_dim=vq.get("text_embed_dim", 768),
         )
-        if kwargs["quantize_mode"] == "vq":
-            kwargs["clustering_vq"] = vq.get("clustering_vq", False)
         return kwargs
 
     @classmethod
@@ -540,8 +541,6 @@ class TATiTok(TiTok):
         config = super().reference_config(kwargs)
         vq = config["model"]["vq_model"]
         vq.update(text_context_length=kwargs["text_context_length"], text_embed_dim=kwargs["text_embed_dim"])
-        if kwargs["quantize_mode"] == "vq":
-            vq["clustering_vq"] = kwargs["clustering_vq"]
         return config
 
 
