@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-
-log = logging.getLogger(__name__)
 
 
 class SkippedSamplesCallback(Callback):
