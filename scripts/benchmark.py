@@ -941,6 +941,35 @@ def print_table(results: list[Result], peak_tflops: float | None) -> None:
     )
 
 
+def write_report(args, device: str, why_not: str, results: list[Result], teacher: dict, runs: dict) -> None:
+    if not args.out:
+        return
+    payload = {
+        "device": device,
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "reference": "measured" if Env.br is not None else f"stored ({why_not})",
+        "rows": [
+            {
+                "row": r.row.name,
+                "reference_img_per_s": r.ref_ips,
+                "img_per_s": r.ips,
+                "flops_per_image": r.flops_per_image,
+                "peak_gib": r.peak,
+                "reference_peak_gib": r.ref_peak,
+                "agreement": r.agreement,
+                "precision": r.dtype,
+                "reference_note": r.ref_note,
+                **r.extra,
+            }
+            for r in results
+        ],
+        "teacher_option": teacher,
+        "train_runs": runs,
+    }
+    args.out.write_text(json.dumps(payload, indent=1, default=str))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, default=ROOT / ".ref", help="copy of bytedance/1d-tokenizer")
@@ -1013,9 +1042,11 @@ def main(argv=None) -> int:
                 )
             except Exception as err:  # noqa: BLE001 - one broken row must not hide the others
                 result.agreement = f"FAILED: {type(err).__name__}: {str(err)[:300]}"
+            seconds = time.perf_counter() - start
             print(f"# {row.name}: ours {fmt(result.ips)} img/s, reference {fmt(result.ref_ips)} img/s "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)  # fmt: skip
+                  f"({result.ref_note}); {result.agreement} ({seconds:.0f}s)", flush=True)  # fmt: skip
             results.append(result)
+            write_report(args, name, why_not, results, {}, {})  # what is measured so far survives a killed run
         if results:
             print_table(results, peak)
         teacher = {}
@@ -1038,31 +1069,7 @@ def main(argv=None) -> int:
                 f"{experiment:<22}{figures['returncode']!s:>8}{fmt(figures.get('img_per_s')):>10}"
                 f"{fmt(figures.get('peak_gib'), '.2f'):>10}{figures['wall_s']:>8.0f}"
             )
-    if args.out:
-        payload = {
-            "device": name,
-            "torch": torch.__version__,
-            "tiny": args.tiny,
-            "reference": "measured" if Env.br is not None else f"stored ({why_not})",
-            "rows": [
-                {
-                    "row": r.row.name,
-                    "reference_img_per_s": r.ref_ips,
-                    "img_per_s": r.ips,
-                    "flops_per_image": r.flops_per_image,
-                    "peak_gib": r.peak,
-                    "reference_peak_gib": r.ref_peak,
-                    "agreement": r.agreement,
-                    "precision": r.dtype,
-                    "reference_note": r.ref_note,
-                    **r.extra,
-                }
-                for r in results
-            ],
-            "teacher_option": teacher,
-            "train_runs": runs,
-        }
-        args.out.write_text(json.dumps(payload, indent=1, default=str))
+    write_report(args, name, why_not, results, teacher, runs)
     failed = [r.row.name for r in results if r.ips is None or r.agreement.startswith("FAILED")]
     failed += [e for e, f in runs.items() if f["returncode"] != 0]
     if failed:
