@@ -155,8 +155,8 @@ class GeneratorModule(TrainingModule):
         sampling: sampler settings of the grids (override the generator's defaults).
         sample_grid: ``{every_n_steps, class_ids | prompts, images_per_condition, seed}``; ``every_n_steps``
             null or 0 disables the grids.
-        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite, compile_modules, compile_backend,
-            compile_mode, nonfinite_max_consecutive: see :class:`TrainingModule`.
+        optimizer, scheduler, training: :class:`TrainingModule`'s arguments (``training``: max_grad_norm,
+            accumulate_grad_batches, nonfinite, compile_modules, ...; conf/model/training/default.yaml).
     """
 
     # generator constructor argument -> FrozenTokenizer attribute it must equal
@@ -171,25 +171,9 @@ class GeneratorModule(TrainingModule):
         init_from: str | None = None,
         sampling: Mapping[str, Any] | None = None,
         sample_grid: Mapping[str, Any] | None = None,
-        max_grad_norm: float | None = 1.0,
-        accumulate_grad_batches: int = 1,
-        nonfinite: str = "raise",
-        compile_modules: Sequence[str] = (),
-        compile_backend: str = "inductor",
-        compile_mode: str | None = None,
-        nonfinite_max_consecutive: int = 20,
+        **training: Any,
     ):
-        super().__init__(
-            plain(optimizer),
-            plain(scheduler),
-            max_grad_norm,
-            accumulate_grad_batches,
-            nonfinite,
-            plain(compile_modules),
-            compile_backend,
-            compile_mode,
-            nonfinite_max_consecutive,
-        )
+        super().__init__(plain(optimizer), plain(scheduler), **plain(training))
         tokenizer = _absolute_paths(plain(tokenizer))
         self.save_hyperparameters(logger=False)
         self.tokenizer = load_frozen_tokenizer(tokenizer) if tokenizer is not None else None

@@ -37,34 +37,14 @@ class TokenizerModule(TrainingModule):
 
     Args:
         tokenizer: registry spec of the model to train, ``{"name": "titok_b64", **overrides}``.
-        optimizer, scheduler, max_grad_norm, accumulate_grad_batches, nonfinite, compile_modules, compile_backend,
-            compile_mode, nonfinite_max_consecutive: see :class:`TrainingModule`.
+        optimizer, scheduler, training: :class:`TrainingModule`'s arguments (``training``: max_grad_norm,
+            accumulate_grad_batches, nonfinite, compile_modules, ...; conf/model/training/default.yaml).
     """
 
     def __init__(
-        self,
-        tokenizer: Mapping[str, Any],
-        optimizer: Mapping[str, Any],
-        scheduler: Mapping[str, Any],
-        max_grad_norm: float | None = 1.0,
-        accumulate_grad_batches: int = 1,
-        nonfinite: str = "raise",
-        compile_modules: Sequence[str] = (),
-        compile_backend: str = "inductor",
-        compile_mode: str | None = None,
-        nonfinite_max_consecutive: int = 20,
+        self, tokenizer: Mapping[str, Any], optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], **training: Any
     ):
-        super().__init__(
-            plain(optimizer),
-            plain(scheduler),
-            max_grad_norm,
-            accumulate_grad_batches,
-            nonfinite,
-            plain(compile_modules),
-            compile_backend,
-            compile_mode,
-            nonfinite_max_consecutive,
-        )
+        super().__init__(plain(optimizer), plain(scheduler), **plain(training))
         self.save_hyperparameters(logger=False)
         self.model = build_model(plain(tokenizer))
 
