@@ -149,7 +149,10 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
     "source, named",
     [
         ("titok_l32", ["yucornetto/tokenizer_titok_l32_imagenet", "config.json", "model.safetensors"]),
-        ("turkeyju/tokenizer_tatitok_bl32_vae", ["turkeyju/tokenizer_tatitok_bl32_vae", "config.json", "model.safetensors"]),
+        (
+            "turkeyju/tokenizer_tatitok_bl32_vae",
+            ["turkeyju/tokenizer_tatitok_bl32_vae", "config.json", "model.safetensors"],
+        ),
         ("maskgit_vqgan_f16_256", ["fun-research/TiTok", "maskgit-vqgan-imagenet-f16-256.bin"]),
     ],
 )
