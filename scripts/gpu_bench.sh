@@ -10,7 +10,9 @@
 #        bash scripts/gpu_bench.sh run rows     # every row of issue 12's table, both implementations, one process
 #        bash scripts/gpu_bench.sh run train    # train.py titok_b64, titok_b64_stage2, rar_b, maskgit_titok_l32
 #    Output: $OUT/bench_<part>.log and $OUT/bench_<part>.json ($OUT unset: .device/bench_out).
-#    Extra arguments go to scripts/benchmark.py (e.g. --rows RAR-B --iters 10).
+#    Extra arguments go to scripts/benchmark.py (e.g. --rows RAR-B --iters 10). Estimated on one H100/H200:
+#    rows 6-8 minutes (the reference ~2, our compiled steps ~1 each for the TiTok rows), train ~5; if a call
+#    must stay shorter, split the rows: `run rows --rows titok` then `run rows --rows RAR MaskGIT TiTok-L32 teacher`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -49,7 +51,7 @@ run)
   python3 scripts/benchmark.py "${args[@]}" --out "$out/bench_$part.json" "$@" 2>&1 | tee -a "$out/bench_$part.log"
   ;;
 *)
-  sed -n '2,16p' "$0"
+  sed -n '2,18p' "$0"
   exit 2
   ;;
 esac
