@@ -51,7 +51,7 @@ run)
   python3 scripts/benchmark.py "${args[@]}" --out "$out/bench_$part.json" "$@" 2>&1 | tee -a "$out/bench_$part.log"
   ;;
 *)
-  sed -n '2,18p' "$0"
+  sed -n '2,15p' "$0"
   exit 2
   ;;
 esac
