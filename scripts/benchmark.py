@@ -1,17 +1,21 @@
 """Full-step speed of titok-lightning against the reference (bytedance/1d-tokenizer), row by row, in one process.
 
     python scripts/benchmark.py --reference .ref --out bench.json      # GPU: every row, then the train.py runs
-    python scripts/benchmark.py --dry-run                              # CPU, tiny sizes: checks the script itself
+    python scripts/benchmark.py --dry-run                              # CPU, micro sizes: checks the script itself
 
 Training rows run this project's LightningModule step as ``train.py`` runs it (the experiment's Hydra config:
 module, loss, optimizer roles, precision with its GradScaler, clipping, EMA callback, per-step logging to a CSV
 logger), fed one synthetic batch already on the device; the step time is the median wall time from one training
 batch start to the next, after warm-up. The reference side is ``bench_reference.py`` (next to
 ``reference_h200.json`` in ``../shared/bench``): its full steps mirror the reference's ``utils/train_utils.py`` loops
-on a copy of the reference (``--reference``). Both sides build the same architecture from the same reference
-config; ours gets the converted weights of a reference model built here, and every row first checks in fp32
-(TF32 off) that the two implementations give the same outputs. Without the reference copy the rows print the
-stored figures of ``reference_h200.json``, marked "stored".
+on a copy of the reference (``--reference``) with its own random weights. Both sides build the same architecture
+from the same reference config; ours gets the converted weights of a reference network built here, and every row
+first checks in fp32 (TF32 off) that the two implementations give the same outputs (speed does not depend on the
+weights). Without the reference copy the rows print the stored figures of ``reference_h200.json`` (or, for a batch
+it was not measured at, issue 12's table), marked "stored".
+
+The stage-1 teacher is also timed in fp32, bf16 and bf16 + channels-last (``model.teacher_dtype``,
+``model.teacher_channels_last``), with the share of its bf16 codes equal to the fp32 ones (``--teacher-weights``).
 
 Then (unless ``--no-train-runs``) ``train.py`` itself runs ``titok_b64``, ``titok_b64_stage2``, ``rar_b`` and
 ``maskgit_titok_l32`` on synthetic shards (as ``scripts/gpu_check.py``) and the steady-state img/s of each run's
