@@ -10,8 +10,8 @@
 A run writes everything under its folder (``outputs/<task_name>/runs/<time>/``): ``.hydra/`` (composed and
 resolved config), ``checkpoints/`` (``last.ckpt``, periodic ``step_*.ckpt`` and ``config.yaml``), ``csv/``
 metrics, ``images/`` grids, ``train.log``. Started again in the same folder (``hydra.run.dir=<run>``) it
-resumes from ``checkpoints/last.ckpt`` (or a SLURM hpc checkpoint); ``ckpt_path=<file>`` resumes from a
-given checkpoint.
+resumes exactly from its newest readable checkpoint; ``ckpt_path=<file>`` resumes from a given checkpoint. A
+folder another live ``train.py`` trains in is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
+from titok_lightning.lit.resume import (  # noqa: E402
+    RunFolderInUseError,
+    RunLock,
+    find_resume_checkpoint,
+    remove_temporary_files,
+)
+
 log = logging.getLogger("train")
 
 # Expected with this project's design, not problems: frozen helpers (teacher, perceptual, text encoder) stay in
@@ -56,7 +63,7 @@ class MissingSettingError(ValueError):
 
 
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
-USER_ERRORS = (MissingSettingError, HydraException, OmegaConfBaseException, FileNotFoundError)
+USER_ERRORS = (MissingSettingError, HydraException, OmegaConfBaseException, FileNotFoundError, RunFolderInUseError)
 # the user's HYDRA_FULL_ERROR, kept by cli() while it asks Hydra to re-raise composition errors
 _user_full_error: str | None = os.environ.get("HYDRA_FULL_ERROR")
 
@@ -137,16 +144,39 @@ def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
 
 
 def resolve_ckpt_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
-    """Explicit ``ckpt_path`` wins; otherwise resume when this run folder already has checkpoints."""
+    """Explicit ``ckpt_path`` wins; otherwise resume from the run folder's newest readable checkpoint by recorded
+    step, whatever its kind (``last``, ``step_*``, SLURM ``hpc_ckpt_*``), saying which newer files were unreadable."""
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
-    if SLURMEnvironment.detect() and any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
-        return None  # Lightning restores the SLURM hpc checkpoint itself
-    last = Path(cfg.paths.checkpoint_dir) / "last.ckpt"
-    if last.is_file():
-        log.info("resuming from %s", last)
-        return str(last)
-    return None
+    folders = [cfg.paths.checkpoint_dir, trainer.default_root_dir]
+    found, problems = find_resume_checkpoint(folder for folder in folders if Path(folder).is_dir())
+    for problem in problems:
+        log.warning(problem)
+    if found is None:
+        return None
+    log.info("resuming from %s", found)
+    return str(found)
+
+
+# run folder -> its lock, held until the process ends (a second train() in this process may reuse the folder)
+_RUN_LOCKS: dict[str, RunLock] = {}
+
+
+def hold_run_lock(cfg: DictConfig) -> None:
+    """Refuse a run folder that another live process trains in (RunFolderInUseError), then clear the temporary
+    checkpoint files a killed run left. Only the first process of a run takes the lock: other ranks, nodes and
+    Lightning's re-launched workers share the folder."""
+    folder = str(Path(cfg.paths.output_dir).resolve())
+    if folder in _RUN_LOCKS or not _first_process_of_run():
+        return
+    _RUN_LOCKS[folder] = RunLock(folder).__enter__()
+    for path in remove_temporary_files([cfg.paths.checkpoint_dir, folder]):
+        log.info("removed %s, left by an interrupted checkpoint write", path)
+
+
+def _first_process_of_run() -> bool:
+    names = ["RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"] + (["SLURM_PROCID"] if SLURMEnvironment.detect() else [])
+    return all(int(os.environ.get(name) or 0) == 0 for name in names)
 
 
 @rank_zero_only
@@ -193,6 +223,8 @@ def report(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datam
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit, then optionally test."""
     check_mandatory(cfg)
+    if cfg.get("train", True):
+        hold_run_lock(cfg)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)

@@ -30,7 +30,9 @@ class SkippedSamplesCallback(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         counter = self._counter(trainer)
-        if counter is None or batch_idx % trainer.log_every_n_steps:  # every rank runs the same batch indices
+        # on the batches whose metrics Lightning writes (the same on every rank): a value logged in between would be
+        # written with a later step, and a resumed run, which never logged it, would write a different row
+        if counter is None or not trainer._logger_connector.should_update_logs:
             return
         total = torch.tensor(float(counter.value), device=pl_module.device)
         pl_module.log("train/skipped_samples", total, on_step=True, on_epoch=False, sync_dist=True, reduce_fx="sum")

@@ -148,7 +148,7 @@ class DigitsDataModule(ImageDataModule):
 
     Args:
         cache_dir: parent folder of the shards (default: $TITOK_LIGHTNING_CACHE or ~/.cache/titok_lightning).
-        samples_per_epoch: default the 1497 training images.
+        samples_per_epoch: default: each of the 1497 training images once per epoch (full batches only).
         Others: as ImageDataModule.
     """
 
@@ -194,6 +194,4 @@ class DigitsDataModule(ImageDataModule):
     def setup(self, stage: str | None = None) -> None:
         shards = prepare_digits(self.cache_dir)  # no-op once prepared; also covers use without a Trainer
         self.train_shards, self.val_shards = shards.train, shards.val
-        if self.samples_per_epoch is None:
-            self.samples_per_epoch = shards.num_train
         super().setup(stage)

@@ -8,12 +8,14 @@ validation loaders.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import random
 import re
+import signal
 import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from glob import glob
@@ -129,6 +131,15 @@ def worker_slot() -> tuple[int, int]:
     """(worker id, number of workers) of the calling DataLoader worker; (0, 1) in the main process."""
     info = torch.utils.data.get_worker_info()
     return (info.id, info.num_workers) if info is not None else (0, 1)
+
+
+def ignore_stop_signals_in_worker() -> None:
+    """In a DataLoader worker, ignore SIGTERM / SIGUSR1 / SIGUSR2: SLURM and ``kill`` of a process group signal the
+    workers too, and a worker that dies of it would turn the training process's checkpoint-and-stop into a crash
+    (the training process stops its workers itself)."""
+    if torch.utils.data.get_worker_info() is not None:
+        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)
 
 
 SKIP_REASONS = (
@@ -248,30 +259,216 @@ class SkippingMap:
                 yield decoded
 
 
-class WorkerShuffle:
-    """Shuffle buffer whose generator differs per (rank, worker, epoch); reproducible when `seed` is set."""
+def stable_seed(*parts: Any) -> int:
+    """A 63-bit seed from its parts, the same in every process and Python session (unlike ``hash``)."""
+    digest = hashlib.blake2b("-".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, bufsize: int, initial: int, seed: int | None, rank: int):
-        self.bufsize, self.initial, self.seed, self.rank = bufsize, min(initial, bufsize), seed, rank
-        self.epoch = -1
 
-    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        self.epoch += 1
-        if self.seed is None:
-            rng = random.Random(os.urandom(16))
+class EpochPartition:
+    """Which samples each reader (rank x DataLoader worker) reads in an epoch: a pure function of (seed, epoch).
+
+    Every epoch permutes the shards (the same permutation on every rank). With per-shard sample counts (local
+    shards) the permuted shards are one index space cut into `num_readers` equal contiguous ranges, so every
+    sample belongs to exactly one reader per epoch; without counts (remote shards) the permuted shards are dealt
+    out round-robin. A reader's part is a list of segments (url, samples to skip, samples to take or None).
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        counts: Sequence[int] | None,
+        num_readers: int,
+        seed: int,
+        handler: Callable[[BaseException], bool],
+    ):
+        if counts is None and len(urls) < num_readers:
+            raise ValueError(
+                f"{len(urls)} remote shards cannot be dealt out to {num_readers} readers (ranks x workers): use "
+                "more shards, fewer DataLoader workers, or local shards (their samples are counted and split)"
+            )
+        self.urls, self.counts, self.num_readers, self.seed = list(urls), counts, num_readers, seed
+        self.handler = handler  # for unreadable tar data
+
+    def read(self, epoch: int, reader: int) -> Iterator[dict[str, Any]]:
+        """The raw samples of ``reader``'s part of ``epoch``, in shard order."""
+        for url, skip, take in self.segments(epoch, reader):
+            samples = wds.tarfile_samples([{"url": url}], handler=self.handler)
+            yield from islice(samples, skip, None if take is None else skip + take)
+
+    def segments(self, epoch: int, reader: int) -> list[tuple[str, int, int | None]]:
+        order = np.random.default_rng(stable_seed(self.seed, "shards", epoch)).permutation(len(self.urls))
+        if self.counts is None:
+            return [(self.urls[i], 0, None) for i in order[reader :: self.num_readers]]
+        total = sum(self.counts)
+        begin, end = reader * total // self.num_readers, (reader + 1) * total // self.num_readers
+        segments, offset = [], 0
+        for i in order:
+            lo, hi = max(begin, offset), min(end, offset + self.counts[i])
+            if lo < hi:
+                segments.append((self.urls[i], lo - offset, hi - lo))
+            offset += self.counts[i]
+        return segments
+
+
+class TrainPosition:
+    """The training stream's position, shared by the rank's process and its DataLoader workers (fork or spawn):
+    epoch, batches of it already consumed, and per worker role the raw samples its reader already consumed."""
+
+    def __init__(self, num_roles: int):
+        self._values = multiprocessing.Array("q", 2 + num_roles)
+
+    def set(self, epoch: int, start: int, raw: Sequence[int]) -> None:
+        with self._values.get_lock():
+            self._values[:] = [epoch, start, *raw]
+
+    def get(self) -> tuple[int, int, list[int]]:
+        with self._values.get_lock():
+            values = list(self._values)
+        return values[0], values[1], values[2:]
+
+
+class SeededDecoder:
+    """Decode a sample with the torch RNG seeded from its position in the stream (``__index__``), leaving the
+    process's RNG untouched: random crops and flips are a pure function of (seed, epoch, reader, position), so a
+    resumed run draws the same augmentations without decoding the samples it skips."""
+
+    def __init__(self, decode: SampleDecoder, seed: int, epoch: int, reader: int):
+        self.decode, self.seed, self.epoch, self.reader = decode, seed, epoch, reader
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        index = sample["__index__"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(stable_seed(self.seed, self.epoch, self.reader, index))
+            decoded = self.decode(sample)
+        return None if decoded is None else {**decoded, "__raw_end__": index + 1}
+
+
+class TrainStream(IterableDataset):
+    """One rank's training batches: `batches_per_reader` full batches from every reader of the rank per epoch.
+
+    Worker `w` reads for role `(w + start) % workers` so that, after a resume `start` batches into an epoch, the
+    DataLoader's round-robin over workers continues with the batch that comes next. A reader shuffles its part of
+    the epoch (`EpochPartition`) with a buffer seeded by (seed, epoch, reader), skips the raw samples it consumed
+    before the resume point without decoding them, and reads its part again (reshuffled) only when unreadable
+    samples or `samples_per_epoch` ask for more than one pass. Each batch carries ``__raw_end__``, the raw samples
+    its reader has consumed, which `ResumableLoader` keeps for checkpoints.
+    """
+
+    def __init__(self, module: ShardedDataModule, source, position: TrainPosition, decode: SampleDecoder):
+        super().__init__()
+        self.source, self.position, self.decode = source, position, decode  # source: EpochPartition-like
+        self.rank, self.world_size, self.workers = module.rank, module.world_size, max(module.num_workers, 1)
+        self.batches_per_reader = module.train_batches_per_rank // self.workers
+        self.batch_size, self.seed = module.batch_size, module.stream_seed
+        self.shuffle_buffer, self.shuffle_initial = module.shuffle_buffer, module.shuffle_initial
+        self.counter = module.skip_counter
+
+    def __len__(self) -> int:
+        return self.batches_per_reader * self.workers
+
+    def _passes(self, epoch: int, reader: int) -> Iterator[dict[str, Any]]:
+        rng = random.Random(stable_seed(self.seed, "buffer", epoch, reader))
+        while True:
+            found = False
+            raw = self.source.read(epoch, reader)
+            for sample in wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=rng)(raw):
+                found = True
+                yield sample
+            if not found:
+                raise RuntimeError(f"training reader {reader} found no readable sample in its part of epoch {epoch}")
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        ignore_stop_signals_in_worker()
+        worker, _ = worker_slot()
+        epoch, start, raw_done = self.position.get()
+        role = (worker + start) % self.workers
+        reader = self.rank * self.workers + role
+        remaining = self.batches_per_reader - len(range(role, start, self.workers))
+        indexed = ({**sample, "__index__": index} for index, sample in enumerate(self._passes(epoch, reader)))
+        decode = SkippingMap(SeededDecoder(self.decode, self.seed, epoch, reader), self.counter)
+        samples = decode(islice(indexed, raw_done[role], None))
+        for _ in range(remaining):
+            batch = list(islice(samples, self.batch_size))
+            if len(batch) < self.batch_size:
+                return
+            raw_end = batch[-1].pop("__raw_end__")
+            for sample in batch[:-1]:
+                del sample["__raw_end__"]
+            yield {**collate_samples(batch), "__raw_end__": raw_end}
+
+
+class ResumableLoader(DataLoader):
+    """DataLoader over a `TrainStream` whose position is part of Lightning checkpoints (Lightning calls
+    `state_dict` when saving and `load_state_dict` before the first batch of a resumed fit).
+
+    The saved position is the one of the batches the trainer has finished (`consumed()`), not of those the
+    DataLoader workers or Lightning's prefetching already produced. Ranks save their positions together (a
+    collective: Lightning builds checkpoints on every rank) and each takes its own back.
+    """
+
+    def __init__(self, stream: TrainStream, consumed: Callable[[], tuple[int, int]] | None = None, **kwargs):
+        super().__init__(stream, batch_size=None, **kwargs)
+        self.consumed = consumed
+        self._pending: tuple[int, int, list[int]] | None = None
+        self._iterations = 0
+        self._epoch, self._start = 0, 0
+        self._raw_end: list[list[tuple[int, int]]] = []
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream: TrainStream = self.dataset
+        epoch = self.consumed()[0] if self.consumed is not None else self._iterations
+        epoch, start, raw = self._pending or (epoch, 0, [0] * stream.workers)
+        self._pending, self._iterations = None, epoch + 1
+        stream.position.set(epoch, start, raw)
+        self._epoch, self._start = epoch, start
+        self._raw_end = [[(-1, done)] for done in raw]  # per role: (batch index, raw samples consumed after it)
+        # the DataLoader iterator (and its workers) starts now, when Lightning asks for it, not at the first batch
+        return self._track(super().__iter__(), start)
+
+    def _track(self, batches: Iterator[dict[str, Any]], index: int) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            history = self._raw_end[index % self.dataset.workers]
+            history.append((index, batch.pop("__raw_end__")))
+            del history[:-4]  # Lightning and the workers run only a few batches ahead of the trainer
+            index += 1
+            yield batch
+
+    def _local_state(self) -> dict[str, Any]:
+        epoch, batches = self.consumed() if self.consumed is not None else (self._epoch, self._start)
+        if epoch != self._epoch:  # Lightning closed the epoch (training ended within it): a resume starts the next
+            return {"epoch": epoch, "batches": 0, "raw_samples": [0] * len(self._raw_end)}
+        raw = [max(entry for entry in history if entry[0] < batches)[1] for history in self._raw_end]
+        return {"epoch": epoch, "batches": batches, "raw_samples": raw}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = self._local_state()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            states: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(states, state)
+            return {"ranks": states}
+        return {"ranks": [state]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stream: TrainStream = self.dataset
+        ranks = state_dict["ranks"]
+        if len(ranks) != stream.world_size or len(ranks[0]["raw_samples"]) != stream.workers:
+            log.warning(
+                "the data position was saved by %d ranks x %d DataLoader workers, this run has %d x %d: epoch %d's "
+                "data restarts from its beginning (the run is not an exact continuation)",
+                len(ranks),
+                len(ranks[0]["raw_samples"]),
+                stream.world_size,
+                stream.workers,
+                ranks[0]["epoch"],
+            )
+            self._pending = (ranks[0]["epoch"], 0, [0] * stream.workers)
+            return
+        state = ranks[stream.rank]
+        if state["batches"] >= len(stream):  # saved after the epoch's last batch: the next epoch starts
+            self._pending = (state["epoch"] + 1, 0, [0] * stream.workers)
         else:
-            rng = random.Random(f"{self.seed}-{self.rank}-{worker_slot()[0]}-{self.epoch}")
-        return wds.shuffle(self.bufsize, self.initial, rng=rng)(samples)
-
-
-class RankWorkerSeed:
-    """Seed source for `wds.ResampledShards` that uses the datamodule's rank instead of the environment."""
-
-    def __init__(self, rank: int):
-        self.rank = rank
-
-    def __call__(self) -> int:
-        return self.rank * 1000 + worker_slot()[0]
+            self._pending = (state["epoch"], state["batches"], list(state["raw_samples"]))
 
 
 class PartitionedSamples(IterableDataset):
@@ -287,6 +484,7 @@ class PartitionedSamples(IterableDataset):
         self.shards, self.rank, self.world_size, self.handler = list(shards), rank, world_size, handler
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        ignore_stop_signals_in_worker()
         worker, num_workers = worker_slot()
         readers = self.world_size * num_workers
         reader = self.rank * num_workers + worker
@@ -295,21 +493,6 @@ class PartitionedSamples(IterableDataset):
         else:
             samples = wds.tarfile_samples([{"url": url} for url in self.shards], handler=self.handler)
             yield from islice(samples, reader, None, readers)
-
-
-class FixedLengthIterable(IterableDataset):
-    """An iterable with a declared `len()` (webdataset's `with_length` makes a class that cannot be pickled,
-    which breaks spawn-started DataLoader workers)."""
-
-    def __init__(self, iterable: Iterable, length: int):
-        super().__init__()
-        self.iterable, self.length = iterable, length
-
-    def __iter__(self) -> Iterator:
-        return iter(self.iterable)
-
-    def __len__(self) -> int:
-        return self.length
 
 
 def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -335,11 +518,14 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class ShardedDataModule(L.LightningDataModule):
     """Base LightningDataModule over webdataset shards; subclasses provide the per-sample decoders.
 
-    Training: shards are resampled with replacement (`wds.ResampledShards`), samples pass a shuffle
-    buffer, and each DataLoader worker yields `train_batches_per_rank / max(num_workers, 1)` full batches
-    (`.with_epoch`), so every rank runs the same number of steps per epoch whatever the shard sizes.
-    `train_batches_per_rank = ceil(samples_per_epoch / (batch_size * world_size * workers)) * workers`,
-    which is also the train loader's `len()`.
+    Training: every epoch splits the shards' samples over the readers (ranks x DataLoader workers) as a pure
+    function of (seed, epoch) (`EpochPartition`): local shards are counted and cut into equal parts, so each sample
+    is read once per epoch over all ranks. Each reader shuffles its part (buffer seeded by seed, epoch and reader)
+    and yields `train_batches_per_rank / max(num_workers, 1)` full batches, so every rank runs the same number of
+    steps. `train_batches_per_rank` is `ceil(samples_per_epoch / (batch_size * readers)) * workers`, or without
+    `samples_per_epoch` every counted sample at most once; it is also the train loader's `len()`. The loader's
+    position (epoch, batches, raw samples per reader) is saved in Lightning checkpoints and a resumed run
+    continues with exactly the batches the interrupted one would have seen (`ResumableLoader`).
 
     Validation/test (same shards): every sample exactly once over all ranks and workers
     (`PartitionedSamples`), last batch partial. Ranks may get different batch counts, so metrics should
@@ -393,6 +579,9 @@ class ShardedDataModule(L.LightningDataModule):
         self.train_urls: list[str] = []
         self.val_urls: list[str] = []
         self.train_batches_per_rank = 0
+        self.stream_seed = 0
+        self.train_counts: list[int] | None = None
+        self.train_position: TrainPosition | None = None
         self.skip_counter: SkipCounter | None = None
 
     # ---- subclass hooks --------------------------------------------------------------------------
@@ -432,11 +621,16 @@ class ShardedDataModule(L.LightningDataModule):
             raise ValueError(f"{name}: neither train_shards nor val_shards given")
         if self.train_shards is not None and stage in (None, "fit"):
             self.train_urls = resolve_shards(self.train_shards, f"{name}.train_shards")
-            num_samples = self.samples_per_epoch
-            if num_samples is None:
-                num_samples = count_samples(self.train_urls)
-                log.info("%s: counted %d training samples in %d shards", name, num_samples, len(self.train_urls))
-            self.train_batches_per_rank = self._batches_per_rank(num_samples)
+            counts = None
+            if not any(_is_remote(url) for url in self.train_urls):
+                counts = [count_samples([url]) for url in self.train_urls]
+                log.info("%s: counted %d training samples in %d shards", name, sum(counts), len(self.train_urls))
+            elif self.samples_per_epoch is None:
+                count_samples(self.train_urls)  # raises: remote shards need samples_per_epoch
+            self.train_batches_per_rank = self._batches_per_rank(self.samples_per_epoch, counts)
+            self.train_counts = counts
+            self.stream_seed = self._shared_seed()
+            self.train_position = TrainPosition(max(self.num_workers, 1))
         if self.val_shards is not None and stage in (None, "fit", "validate", "test"):
             self.val_urls = resolve_shards(self.val_shards, f"{name}.val_shards")
         if self.skip_counter is None:  # once: the DataLoader workers of every loader share it
@@ -445,11 +639,40 @@ class ShardedDataModule(L.LightningDataModule):
     def _has_other_train_source(self) -> bool:
         return False
 
-    def _batches_per_rank(self, num_samples: int) -> int:
+    def _batches_per_rank(self, num_samples: int | None, counts: Sequence[int] | None = None) -> int:
+        """Batches per rank and epoch: `samples_per_epoch` rounded up to full batches on every reader, or, when
+        it is not set, every counted sample at most once (the last partial batch of each reader is left out)."""
+        workers = max(self.num_workers, 1)
+        readers = self.world_size * workers
+        if num_samples is None:
+            per_reader = sum(counts) // readers // self.batch_size
+            if per_reader < 1:
+                raise ValueError(
+                    f"{type(self).__name__}: {sum(counts)} training samples do not fill one batch of "
+                    f"{self.batch_size} on each of {readers} readers (ranks x workers); lower the batch size or "
+                    "num_workers"
+                )
+            return per_reader * workers
         if num_samples < 1:
             raise ValueError(f"{type(self).__name__}: samples_per_epoch must be positive, got {num_samples}")
-        workers = max(self.num_workers, 1)
-        return math.ceil(num_samples / (self.batch_size * self.world_size * workers)) * workers
+        return math.ceil(num_samples / (self.batch_size * readers)) * workers
+
+    def _shared_seed(self) -> int:
+        """The data order's seed; without `seed`, a random one that every rank agrees on."""
+        if self.seed is not None:
+            return int(self.seed)
+        seed = random.SystemRandom().getrandbits(62)
+        if self.trainer is not None and self._rank_override is None:
+            seed = self.trainer.strategy.broadcast(seed)
+        return seed
+
+    def _train_partition(self) -> EpochPartition:
+        readers = self.world_size * max(self.num_workers, 1)
+        return EpochPartition(self.train_urls, self.train_counts, readers, self.stream_seed, self.skip_counter)
+
+    def _consumed(self) -> tuple[int, int]:
+        """(epoch, batches of it the trainer finished): the training data's position in a checkpoint."""
+        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     # ---- loaders ---------------------------------------------------------------------------------
 
@@ -460,26 +683,27 @@ class ShardedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator(),
         )
+
+    @staticmethod
+    def _loader_generator() -> torch.Generator:
+        """A DataLoader draws its workers' seed when it starts iterating, from the global RNG unless given a generator:
+        that draw would depend on when this process started its loaders, and a resumed run would differ (the data
+        pipeline seeds its own randomness, so the value does not matter)."""
+        return torch.Generator().manual_seed(0)
 
     def train_dataloader(self) -> DataLoader:
         if not self.train_urls:
             raise RuntimeError(f"{type(self).__name__}: call setup('fit') with train_shards first")
-        workers = max(self.num_workers, 1)
-        pipeline = wds.DataPipeline(
-            wds.ResampledShards(
-                self.train_urls,
-                seed=self.seed or 0,
-                worker_seed=RankWorkerSeed(self.rank),
-                deterministic=self.seed is not None,
-            ),
-            wds.tarfile_to_samples(handler=self.skip_counter),
-            WorkerShuffle(self.shuffle_buffer, self.shuffle_initial, self.seed, self.rank),
-            SkippingMap(self.train_decoder(), self.skip_counter),
-            wds.batched(self.batch_size, partial=False, collation_fn=collate_samples),
+        return ResumableLoader(
+            TrainStream(self, self._train_partition(), self.train_position, self.train_decoder()),
+            consumed=self._consumed if self.trainer is not None else None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator(),
         )
-        pipeline = pipeline.with_epoch(self.train_batches_per_rank // workers)  # per worker
-        return self._loader(FixedLengthIterable(pipeline, self.train_batches_per_rank))
 
     def _eval_loader(self) -> DataLoader | list:
         if not self.val_urls:

@@ -19,7 +19,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -28,12 +28,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.convert import write_shards
 from datamodules.shards import (
+    ResumableLoader,
     SampleDecoder,
     ShardedDataModule,
     ShardSpec,
+    TrainPosition,
+    TrainStream,
     check_label_key,
-    collate_samples,
     decode_label,
+    stable_seed,
 )
 
 _NPY_MAGIC = b"\x93NUMPY"
@@ -247,7 +250,8 @@ class TokenDataModule(ShardedDataModule):
     Args:
         train_shards / val_shards: token shards (brace pattern, glob, directory, or list), as ImageDataModule.
         train_jsonl: instead of train_shards, the reference's pre-tokenized JSONL (class-conditional);
-            read map-style with shuffling (Lightning adds the DistributedSampler), last partial batch dropped.
+            every epoch a permutation of its lines split over ranks x workers (each line at most once per epoch,
+            full batches only), resumable like the shards (`JsonlPartition`).
         label_key: "cls" (-> "class_id"), "txt" (-> "text") or None.
         token_dtype: None (integer -> long, float -> float32), "int64" (e.g. VQ ids stored as float16 by
             the reference) or "float32".
@@ -325,19 +329,56 @@ class TokenDataModule(ShardedDataModule):
         check_pretokenized_complete([*self.train_urls, *self.val_urls])
         if self.train_jsonl is not None and stage in (None, "fit"):
             self.train_jsonl_dataset = PretokenizedJsonl(self.train_jsonl)
-            per_rank = -(-len(self.train_jsonl_dataset) // self.world_size)  # DistributedSampler pads up
-            self.train_batches_per_rank = per_rank // self.batch_size
+            workers = max(self.num_workers, 1)
+            readers = self.world_size * workers
+            per_reader = len(self.train_jsonl_dataset) // readers // self.batch_size
+            if per_reader < 1:
+                raise ValueError(
+                    f"{self.train_jsonl}: {len(self.train_jsonl_dataset)} lines do not fill one batch of "
+                    f"{self.batch_size} on each of {readers} readers (ranks x workers)"
+                )
+            self.train_batches_per_rank = per_reader * workers
+            self.stream_seed = self._shared_seed()
+            self.train_position = TrainPosition(workers)
+
+    def _train_partition(self):
+        if self.train_jsonl_dataset is None:
+            return super()._train_partition()
+        readers = self.world_size * max(self.num_workers, 1)
+        return JsonlPartition(len(self.train_jsonl_dataset), readers, self.stream_seed)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_jsonl_dataset is None:
             return super().train_dataloader()
-        return DataLoader(
-            self.train_jsonl_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
+        return ResumableLoader(
+            TrainStream(self, self._train_partition(), self.train_position, JsonlLine(self.train_jsonl_dataset)),
+            consumed=self._consumed if self.trainer is not None else None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
-            collate_fn=collate_samples,
+            generator=self._loader_generator(),
         )
+
+
+class JsonlPartition:
+    """`EpochPartition` for the lines of a JSONL file: every epoch a permutation of the lines (seed, epoch), dealt out
+    to the readers in equal parts. Samples are line numbers: reading happens when they are decoded (`JsonlLine`), so
+    a resumed run skips lines without reading them."""
+
+    def __init__(self, num_lines: int, num_readers: int, seed: int):
+        self.num_lines, self.num_readers, self.seed = num_lines, num_readers, seed
+
+    def read(self, epoch: int, reader: int) -> Iterator[dict[str, Any]]:
+        order = np.random.default_rng(stable_seed(self.seed, "lines", epoch)).permutation(self.num_lines)
+        for line in order[reader : self.num_lines - self.num_lines % self.num_readers : self.num_readers]:
+            yield {"__key__": str(line), "line": int(line)}
+
+
+class JsonlLine:
+    """Decoder for `JsonlPartition` samples: the line's tokens and class."""
+
+    def __init__(self, dataset: PretokenizedJsonl):
+        self.dataset = dataset
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        return self.dataset[sample["line"]]

@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from titok_lightning.lit.resume import AtomicCheckpointIO
 from titok_lightning.lit.sharding import FullyShardedStrategy
 from titok_lightning.loading import build_model, constructor_defaults
 from titok_lightning.registry import get_spec, model_kwargs
@@ -218,5 +219,9 @@ def test_slurm_launcher_and_trainer_compose(tmp_path):
     assert (launcher.nodes, launcher.partition) == (2, "gpu")
     assert launcher.max_num_timeout == 0 and launcher.signal_delay_s > 0
     assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2)
-    (environment,) = hydra.utils.instantiate(cfg.trainer.plugins)
-    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR2
+    checkpoint_io, environment = hydra.utils.instantiate(cfg.trainer.plugins)
+    assert isinstance(checkpoint_io, AtomicCheckpointIO)
+    # the checkpoint callback saves and requeues on the launcher's signal (Lightning would save mid-step)
+    assert not environment.auto_requeue
+    checkpoint = hydra.utils.instantiate(cfg.callbacks.model_checkpoint)
+    assert signal.SIGUSR2 in checkpoint.signals and checkpoint.requeue

@@ -192,7 +192,7 @@ def test_samples_per_epoch_defaults_to_the_shard_count(tmp_path):
     assert count_samples(resolve_shards(shards)) == 11
     dm = ImageDataModule(train_shards=shards, image_size=8, batch_size=2, num_workers=0, rank=0, world_size=1)
     dm.setup("fit")
-    assert dm.train_batches_per_rank == 6
+    assert dm.train_batches_per_rank == 5  # each sample at most once per epoch: 11 // 2 full batches
 
 
 def _corrupt_samples() -> list[dict]:
@@ -448,7 +448,9 @@ def test_digits_datamodule_trains_one_epoch_of_batches(digits_cache):
     dm.prepare_data()
     dm.setup("fit")
     batches = list(dm.train_dataloader())
-    assert len(batches) == dm.train_batches_per_rank == math.ceil(1497 / 128)
+    assert len(batches) == dm.train_batches_per_rank == 1497 // 128  # full batches, each image at most once
+    keys = [key for batch in batches for key in batch["key"]]
+    assert len(set(keys)) == len(keys) == 1497 // 128 * 128
     batch = batches[0]
     assert batch["image"].shape == (128, 3, 32, 32) and batch["class_id"].max() < 10
     assert torch.equal(batch["image"][:, 0], batch["image"][:, 2]), "grayscale replicated to RGB"

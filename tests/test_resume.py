@@ -1,0 +1,264 @@
+"""Exact resume after faults, run as a user runs train.py (subprocesses, real signals): SIGKILL during training and
+during a checkpoint write, an unreadable newest checkpoint, SIGTERM, an exception, a second process on the same run
+folder; each resumed run ends with exactly the tensors and metrics of a run that was never interrupted, on one
+process and on two DDP processes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.images import ImageDataModule
+from datamodules.tokens import TokenDataModule
+from tests.test_train import digits_cache, tiny_overrides  # noqa: F401 (digits_cache: a fixture)
+from titok_lightning.lit.resume import AtomicCheckpointIO
+
+ROOT = Path(__file__).resolve().parents[1]
+# 12 batches per epoch (2 DataLoader workers): kills land mid-epoch and runs cross epoch boundaries; checkpoints every
+# 6 steps (12 and 24 end an epoch, 30 is validated), validation every 10; the final step 35 is in last.ckpt only
+SETTINGS = [
+    "++data.samples_per_epoch=48",
+    "data.num_workers=2",
+    "trainer.max_steps=35",
+    "trainer.val_check_interval=10",
+    "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=5",
+    "callbacks.model_checkpoint.every_n_train_steps=6",
+    "report_baseline=false",
+    # its codebook refresh rewrites weights inside the forward pass, which the failing batch of an exception keeps
+    "++model.tokenizer.clustering_vq=false",
+]
+
+
+def command(run_dir: Path, cache: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "train.py",
+        *tiny_overrides("demo"),
+        f"data.cache_dir={cache}",
+        *SETTINGS,
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
+
+
+def start(run_dir: Path, cache: str, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    """train.py in its own process group (a kill takes its DataLoader workers and DDP ranks along, as a node loss)."""
+    return subprocess.Popen(
+        command(run_dir, cache, *overrides),
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(process: subprocess.Popen, expected_rc: int = 0) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == expected_rc, output[-4000:]
+    return output
+
+
+def wait_for(predicate, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(
+                f"train.py ended (rc {process.returncode}) before {what}: {process.stdout.read()[-3000:]}"
+            )
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def kill(process: subprocess.Popen, signum: int = signal.SIGKILL) -> None:
+    os.killpg(process.pid, signum)
+    process.communicate(timeout=120)
+
+
+def checkpoint(run_dir: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def assert_identical(got, expected, folders: tuple[str, str], path: str = "checkpoint") -> None:
+    """Every tensor equal (torch.equal) and every other value equal, recursively; paths inside the two run folders
+    (``folders``: got's, expected's) compare relative to them."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype, path
+        assert torch.equal(got, expected), f"{path}: max difference {(got.double() - expected.double()).abs().max()}"
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), f"{path}: keys {set(got) ^ set(expected)}"
+        for key in expected:
+            assert_identical(got[key], expected[key], folders, f"{path}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), path
+        for index, (a, b) in enumerate(zip(got, expected)):
+            assert_identical(a, b, folders, f"{path}[{index}]")
+    elif isinstance(expected, str):
+        assert got.replace(folders[0], "<run>") == expected.replace(folders[1], "<run>"), path
+    else:
+        assert got == expected, f"{path}: {got!r} != {expected!r}"
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """csv/metrics.csv without the wall-clock throughput column."""
+    with open(run_dir / "csv" / "metrics.csv", newline="") as file:
+        return [{k: v for k, v in row.items() if k != "train/samples_per_sec"} for row in csv.DictReader(file)]
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    assert_identical(checkpoint(run_dir), checkpoint(reference), (str(run_dir), str(reference)))
+    assert metric_rows(run_dir) == metric_rows(reference)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, digits_cache) -> Path:  # noqa: F811
+    """The run that is never interrupted."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    finish(start(run_dir, digits_cache))
+    return run_dir
+
+
+def test_uninterrupted_run_writes_the_final_weights_and_one_metrics_row_per_log(reference):
+    assert checkpoint(reference)["global_step"] == 35  # checkpoints every 6 steps, and the last step anyway
+    steps = sorted({int(row["step"]) for row in metric_rows(reference)})
+    assert steps == [4, 9, 14, 19, 24, 29, 34]
+    names = sorted(path.name for path in (reference / "checkpoints").iterdir())
+    assert names == ["config.yaml", "last.ckpt", *[f"step_{s:08d}.ckpt" for s in range(6, 31, 6)]]
+
+
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """Writes the step-18 checkpoint into its temporary file, then waits (for the test's SIGKILL) before renaming."""
+
+    def write(self, checkpoint, file) -> None:
+        super().write(checkpoint, file)
+        if checkpoint["global_step"] == 18:
+            file.flush()
+            time.sleep(600)
+
+
+class PoisonAt(L.Callback):
+    """From global step ``step`` on, every loss is NaN (as an overflowing run): NonFiniteLossError under raise."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and not hasattr(pl_module.loss, "_unpoisoned"):
+            forward = pl_module.loss._unpoisoned = pl_module.loss.forward
+
+            def nan_loss(*args, **kwargs):
+                loss, logs = forward(*args, **kwargs)
+                return loss * float("nan"), logs
+
+            pl_module.loss.forward = nan_loss
+
+
+def test_faults_one_after_another_each_resume_exactly(reference, tmp_path, digits_cache):  # noqa: F811
+    run_dir = tmp_path / "run"
+
+    # 1. SIGKILL during training
+    first = start(run_dir, digits_cache)
+    wait_for(lambda: (run_dir / "checkpoints" / "last.ckpt").exists(), first, "the step-6 checkpoint")
+    kill(first)
+    killed_at = checkpoint(run_dir)["global_step"]
+    assert 6 <= killed_at < 18
+
+    # 2. SIGKILL while the step-18 checkpoint is being written: the temporary file is left, no truncated checkpoint;
+    # while that run lives, a second train.py on the same folder is refused in one line
+    plugin = "trainer.plugins=[{_target_:tests.test_resume.SlowCheckpointIO}]"
+    writer = start(run_dir, digits_cache, plugin)
+    temporary = lambda: list((run_dir / "checkpoints").glob(".tmp-step_00000018.ckpt-*"))  # noqa: E731
+    wait_for(temporary, writer, "the step-18 checkpoint write")
+    second = subprocess.run(command(run_dir, digits_cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert second.returncode != 0
+    last_line = second.stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"train.py: error: run folder {run_dir}") and f"pid {writer.pid}" in last_line
+    kill(writer)
+    assert temporary() and not (run_dir / "checkpoints" / "step_00000018.ckpt").exists()
+    assert checkpoint(run_dir, "step_00000012.ckpt")["global_step"] == 12
+    # the newest checkpoint unreadable anyway (e.g. written by a non-atomic tool): the run falls back and says so
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+
+    # 3. SIGTERM: a checkpoint of the current step, exit code 143
+    terminated = start(run_dir, digits_cache)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000018.ckpt").exists(), terminated, "step 18")
+    os.killpg(terminated.pid, signal.SIGTERM)
+    output = finish(terminated, expected_rc=128 + signal.SIGTERM)
+    assert f"cannot read checkpoint {last}" in output and "resuming from" in output and "step_00000012.ckpt" in output
+    assert not temporary(), "the interrupted write's temporary file is cleaned up"
+    stopped_at = checkpoint(run_dir)["global_step"]
+    assert stopped_at >= 18 and f"SIGTERM: saved {last} at step {stopped_at}" in output
+
+    # 4. an exception (NaN loss under nonfinite=raise) in the batch after step 30 and its validation: the last
+    # complete step is saved
+    poison = "+callbacks.poison={_target_:tests.test_resume.PoisonAt,step:30}"
+    output = finish(start(run_dir, digits_cache, poison), expected_rc=1)
+    assert "NonFiniteLossError: saved" in output and checkpoint(run_dir)["global_step"] == 30
+
+    # 5. the same command once more: the run ends as if nothing had happened
+    finish(start(run_dir, digits_cache))
+    assert_same_run(run_dir, reference)
+
+
+def test_ddp_run_killed_on_both_ranks_resumes_exactly(tmp_path, digits_cache):  # noqa: F811
+    # the clustering quantizer draws random numbers on each rank: every rank's random state is restored
+    ddp = ["trainer=ddp_sim", "data.num_workers=0", "++model.tokenizer.clustering_vq=true"]
+    reference = tmp_path / "reference"
+    finish(start(reference, digits_cache, *ddp))
+    run_dir = tmp_path / "run"
+    process = start(run_dir, digits_cache, *ddp)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000018.ckpt").exists(), process, "step 18")
+    kill(process)
+    assert checkpoint(run_dir)["global_step"] < 35
+    finish(start(run_dir, digits_cache, *ddp))
+    assert_same_run(run_dir, reference)
+    states = checkpoint(run_dir)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["ranks"]
+    assert len(states) == len(checkpoint(run_dir)["rng_states"]) == 2  # each rank's data position and random state
+
+
+@pytest.mark.parametrize("source, num_workers", [("shards", 0), ("shards", 2), ("jsonl", 2)])
+def test_loader_continues_mid_epoch_from_its_saved_position(tmp_path, source, num_workers):
+    from tests.test_datamodules import _class_samples, _write
+
+    if source == "shards":
+        shards = [_write(tmp_path, "a", _class_samples(30)[:7], 7), _write(tmp_path, "b", _class_samples(30)[7:], 5)]
+        settings = {"train_shards": shards, "image_size": 8, "shuffle_buffer": 8, "shuffle_initial": 4}
+        make = ImageDataModule
+    else:
+        path = tmp_path / "tokens.jsonl"
+        path.write_text("".join(json.dumps({"class_id": i % 3, "tokens": [i, i]}) + "\n" for i in range(30)))
+        settings, make = {"train_jsonl": str(path)}, TokenDataModule
+    module = make(**settings, batch_size=2, num_workers=num_workers, pin_memory=False, rank=0, world_size=1, seed=3)
+    module.setup("fit")
+    loader = module.train_dataloader()
+    epochs = [[batch for batch in loader] for _ in range(2)]  # the uninterrupted order, two epochs
+    assert len(epochs[0]) == len(loader) and epochs[0][0]["class_id"].tolist() != epochs[1][0]["class_id"].tolist()
+
+    interrupted = module.train_dataloader()
+    interrupted.consumed = lambda: (0, 5)  # the trainer finished 5 batches of epoch 0
+    batches = iter(interrupted)
+    for _ in range(6):  # Lightning and the workers run ahead of the trainer
+        next(batches)
+    state = interrupted.state_dict()
+    resumed = module.train_dataloader()
+    resumed.load_state_dict(state)
+    rest = [batch for batch in resumed]
+    assert len(rest) == len(loader) - 5
+    for got, expected in zip(rest + [batch for batch in resumed], epochs[0][5:] + epochs[1]):
+        assert got.keys() == expected.keys()
+        for key in expected:
+            value, reference = got[key], expected[key]
+            assert torch.equal(value, reference) if isinstance(value, torch.Tensor) else value == reference

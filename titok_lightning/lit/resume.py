@@ -1,0 +1,193 @@
+"""What lets a run continue where it stopped: atomic checkpoint files, the choice of the checkpoint to resume from,
+a lock on the run folder, and a CSV logger that continues its file.
+
+- `AtomicCheckpointIO` writes a checkpoint into a temporary file beside its target, fsyncs it and renames it into
+  place, so a kill, a full disk or a temporary folder on another filesystem never leaves a truncated checkpoint.
+- `find_resume_checkpoint` picks the newest checkpoint by the step recorded inside it, whatever its name (``last``,
+  ``step_*``, SLURM's ``hpc_ckpt_*``), and falls back to the next one when a file cannot be read.
+- `RunLock` refuses a second live process on the same run folder; the kernel releases it when its holder dies.
+- `ResumableCSVLogger` appends to ``metrics.csv`` and drops the rows a killed run logged after its checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"  # temporary checkpoint files: <folder>/.tmp-<name>-<random>
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint files
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`TorchCheckpointIO` whose local writes are atomic: temporary file in the target's folder, ``fsync``,
+    ``os.replace``, ``fsync`` of the folder. Remote paths (``s3://`` ...) keep Lightning's writer."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.parent / f"{TEMP_PREFIX}{target.name}-{secrets.token_hex(4)}"
+        try:
+            with open(temporary, "xb") as file:  # permissions from the umask, as a plain write would have
+                self.write(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_folder(target.parent)
+
+    def write(self, checkpoint: dict[str, Any], file) -> None:
+        """Serialise ``checkpoint`` into the open temporary ``file``."""
+        torch.save(checkpoint, file)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (some filesystems refuse to open a folder for this: then the rename has to do)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def remove_temporary_files(folders: Iterable[str | os.PathLike]) -> list[Path]:
+    """Delete the temporary checkpoint files a killed writer left behind; returns them."""
+    removed = []
+    for folder in folders:
+        for path in Path(folder).glob(f"{TEMP_PREFIX}*"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def recorded_step(path: str | os.PathLike) -> int:
+    """The ``global_step`` stored in a Lightning checkpoint (memory-mapped: the tensors are not read).
+
+    Raises whatever ``torch.load`` raises for a truncated or corrupt file, and KeyError without a step.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return int(checkpoint["global_step"])
+
+
+def find_resume_checkpoint(folders: Iterable[str | os.PathLike]) -> tuple[Path | None, list[str]]:
+    """The newest readable checkpoint in ``folders`` by its recorded step (ties: the newer file), and one line
+    for each newer file that could not be read."""
+    candidates = []
+    for folder in folders:
+        candidates += [path for path in Path(folder).glob("*.ckpt") if path.is_file()]
+    problems, readable = [], []
+    for path in candidates:
+        try:
+            readable.append((recorded_step(path), path.stat().st_mtime, path))
+        except Exception as error:  # a truncated or foreign file is only a reason to look further
+            problems.append((path, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+    if not readable:
+        return None, [f"cannot read checkpoint {path} ({why})" for path, why in problems]
+    step, mtime, best = max(readable)
+    newer = [(path, why) for path, why in problems if path.stat().st_mtime > mtime]
+    return best, [f"cannot read checkpoint {path} ({why}); resuming from {best} (step {step})" for path, why in newer]
+
+
+# ------------------------------------------------------------------------------------------------------- run lock
+class RunFolderInUseError(RuntimeError):
+    """Another live process trains in this run folder."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` for as long as the run lives (context manager).
+
+    The kernel drops the lock when the holder exits or is killed, so a killed run never leaves it stale. The file
+    names the holder (host and pid) for the refusal message.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / ".lock"
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise RunFolderInUseError(
+                f"run folder {self.path.parent} is in use by {holder}; wait for it to end, stop it, or choose "
+                "another hydra.run.dir"
+            ) from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        file.flush()
+        self._file = file
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+
+# ------------------------------------------------------------------------------------------------------ CSV logger
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, but an existing ``metrics.csv`` is continued (its columns kept) instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
+                self.metrics_keys = sorted(next(csv.reader(file), []))
+
+    def drop_rows_from(self, step: int) -> int:
+        """Remove the rows written at ``step`` or later (a killed run's steps after its checkpoint) from the file, not
+        the rows this run logged and has not written yet; returns how many."""
+        if not os.path.isfile(self.metrics_file_path):
+            return 0
+        with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
+            rows = list(csv.DictReader(file))
+        kept = [row for row in rows if int(row["step"]) < step]
+        if len(kept) < len(rows):
+            with open(self.metrics_file_path, "w", newline="", encoding="utf-8") as file:
+                writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        return len(rows) - len(kept)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """CSVLogger whose ``metrics.csv`` survives a resume: rows are appended, and the checkpoint callback drops the
+    rows logged after the checkpoint the run resumed from (they are logged again)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
