@@ -1,7 +1,7 @@
 """Train a model with Lightning, configured by Hydra (conf/train.yaml).
 
     python train.py                                   # offline demo: small TiTok on the embedded digits (CPU)
-    python train.py experiment=titok_b64 data.train_shards=... data.val_shards=... teacher/...
+    python train.py experiment=titok_b64 "data.train_shards='/data/in1k/train-{0000..0252}.tar'" "data.val_shards=..."
     python train.py experiment=titok_b64 trainer=ddp trainer.devices=8 ...
     python train.py experiment=titok_b64 trainer=fsdp trainer.devices=8 trainer.precision=bf16-mixed ...  # FSDP2
     python train.py -m model.optimizer.lr=1e-4,2e-4 debug=fdr           # sweep: one sub-folder per job
