@@ -264,4 +264,3 @@ class EMACallback(Callback):
         if self._params:  # strategies that restore after setup (FSDP) load after on_fit_start
             self._params = params
             self._init_ema()
-
