@@ -146,9 +146,15 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        super().on_train_batch_end(trainer, pl_module, None, None, 0)  # the last step's periodic checkpoint, if due
-        if not self._should_skip_saving_checkpoint(trainer):  # the final weights, whatever the interval
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        # max_steps ended the epoch early: a longer run resuming from here continues that epoch's batches
+        loop = trainer.fit_loop.epoch_loop
+        self._saving_between_batches = loop.batch_progress.current.processed < trainer.num_training_batches
+        try:
+            super().on_train_batch_end(trainer, pl_module, None, None, 0)  # the last step's periodic checkpoint
+            if not self._should_skip_saving_checkpoint(trainer):  # the final weights, whatever the interval
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        finally:
+            self._saving_between_batches = False
         self._restore_handlers()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -244,10 +250,13 @@ def _validation_follows(trainer: pl.Trainer) -> bool:
 
 
 def _as_if_saved_after_the_previous_batch(checkpoint: dict[str, Any], validated: bool) -> None:
-    """Loop counters of a checkpoint written after the next batch started (or failed), rewritten to what Lightning
-    writes when it saves right after a batch and its validation (``on_validation_end``), so the resumed run starts
-    with the next batch, does not validate the saved step again, and logs at the same steps."""
+    """Loop counters of a checkpoint written after the next batch started (or failed), or when max_steps closed the
+    epoch early, rewritten to what Lightning writes when it saves right after a batch and its validation
+    (``on_validation_end``), so the resumed run starts with the next batch of the same epoch, does not validate the
+    saved step again, and logs at the same steps."""
     loop = checkpoint["loops"]["fit_loop"]
+    for counters in (loop["epoch_progress"]["total"], loop["epoch_progress"]["current"]):
+        counters.update(processed=counters["started"] - 1, completed=counters["started"] - 1)  # the epoch goes on
     progress = loop["epoch_loop.batch_progress"]
     for counters in (progress["total"], progress["current"]):
         done = counters["completed"]

@@ -435,11 +435,9 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def _local_state(self) -> dict[str, Any]:
-        epoch, batches = self.consumed() if self.consumed is not None else (self._epoch, self._start)
-        if epoch != self._epoch:  # Lightning closed the epoch (training ended within it): a resume starts the next
-            return {"epoch": epoch, "batches": 0, "raw_samples": [0] * len(self._raw_end)}
+        batches = self.consumed()[1] if self.consumed is not None else self._start
         raw = [max(entry for entry in history if entry[0] < batches)[1] for history in self._raw_end]
-        return {"epoch": epoch, "batches": batches, "raw_samples": raw}
+        return {"epoch": self._epoch, "batches": batches, "raw_samples": raw}
 
     def state_dict(self) -> dict[str, Any]:
         state = self._local_state()
