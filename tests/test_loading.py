@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from callbacks import EMACallback
-from tests.test_hub import to_reference_keys
+from tests.test_hub import reference_config, write_checkpoint
 from titok_lightning import registry
 from titok_lightning.loading import (
     PretrainedNotAvailableError,
@@ -123,29 +123,9 @@ def test_local_weight_file(tmp_path, suffix):
 
 def test_folder_with_config_json(tmp_path):
     """A TiTok folder in the reference layout: config.json decides the architecture, keys are converted."""
-    config = {
-        "model": {
-            "vq_model": dict(
-                quantize_mode="vq",
-                codebook_size=16,
-                token_size=6,
-                use_l2_norm=False,
-                commitment_cost=0.25,
-                vit_enc_model_size="tiny",
-                vit_dec_model_size="tiny",
-                vit_enc_patch_size=8,
-                vit_dec_patch_size=8,
-                num_latent_tokens=4,
-                finetune_decoder=False,
-                is_legacy=False,
-            )  # fmt: skip
-        },
-        "dataset": {"preprocessing": {"crop_size": 16}},
-        "size_presets": {"tiny": {"width": 32, "num_layers": 1, "num_heads": 2}},
-    }
+    config = reference_config()
     model = TiTok.from_reference_config(config).eval()
-    save_file(to_reference_keys(model.state_dict()), str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_checkpoint(tmp_path, model, config)
     loaded = load_pretrained(tmp_path)
     assert type(loaded) is TiTok
     assert_same_weights(loaded, model.state_dict())
