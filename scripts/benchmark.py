@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import gc
 import importlib.util
 import json
@@ -869,21 +868,10 @@ def _load_script(name: str):
     return module
 
 
-def summarize_run(run_dir: Path) -> dict[str, float]:
-    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv", encoding="utf-8")))
-    speeds = [float(r["train/samples_per_sec"]) for r in rows if r.get("train/samples_per_sec") not in (None, "")]
-    steady = speeds[len(speeds) // 5 :] or speeds  # drop warm-up (allocator, autotuning, compilation)
-    memory = [float(r["train/peak_memory_gib"]) for r in rows if r.get("train/peak_memory_gib") not in (None, "")]
-    return {
-        "img_per_s": statistics.median(steady) if steady else math.nan,
-        "peak_gib": max(memory) if memory else math.nan,
-        "logged_steps": len(speeds),
-    }
-
-
 def train_runs(args) -> dict[str, dict]:
     workdir = Path(args.workdir)
     data = write_train_data(workdir, args.tiny)
+    summarize = _load_script("gpu_check").summarize  # img/s after warm-up, peak memory, losses of a run's CSV
     results = {}
     for experiment in args.train_runs:
         run_dir = workdir / "runs" / experiment
@@ -905,7 +893,7 @@ def train_runs(args) -> dict[str, dict]:
             returncode, tail = "timeout", ""
         figures = {"returncode": returncode, "wall_s": time.perf_counter() - start}
         try:
-            figures.update(summarize_run(run_dir))
+            figures.update(summarize(run_dir))
         except FileNotFoundError:
             figures["img_per_s"] = math.nan
         if returncode != 0:
