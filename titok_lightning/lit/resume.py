@@ -28,6 +28,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from titok_lightning.loading import checkpoint_global_step
+
 log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"  # temporary checkpoint files: <folder>/.tmp-<name>-<random>
@@ -84,15 +86,6 @@ def remove_temporary_files(folders: Iterable[str | os.PathLike]) -> list[Path]:
     return removed
 
 
-def recorded_step(path: str | os.PathLike) -> int:
-    """The ``global_step`` stored in a Lightning checkpoint (memory-mapped: the tensors are not read).
-
-    Raises whatever ``torch.load`` raises for a truncated or corrupt file, and KeyError without a step.
-    """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return int(checkpoint["global_step"])
-
-
 def find_resume_checkpoint(folders: Iterable[str | os.PathLike]) -> tuple[Path | None, list[str]]:
     """The newest readable checkpoint in ``folders`` by its recorded step (ties: the newer file), and one line
     for each newer file that could not be read."""
@@ -102,7 +95,10 @@ def find_resume_checkpoint(folders: Iterable[str | os.PathLike]) -> tuple[Path |
     problems, readable = [], []
     for path in candidates:
         try:
-            readable.append((recorded_step(path), path.stat().st_mtime, path))
+            step = checkpoint_global_step(path)
+            if step is None:
+                raise KeyError("global_step")
+            readable.append((int(step), path.stat().st_mtime, path))
         except Exception as error:  # a truncated or foreign file is only a reason to look further
             problems.append((path, f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
     if not readable:
