@@ -19,11 +19,12 @@ Image.MAX_IMAGE_PIXELS = None  # web-scale text-image data has very large images
 _PLAIN_MODES = {"RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_SUPPORTED_MODES = _PLAIN_MODES | _SIXTEEN_BIT_MODES | _ALPHA_MODES
 
 
 def check_image_mode(image: Image.Image) -> None:
     """ValueError naming the mode when `to_rgb` cannot convert it (read from the header: no pixel decoding)."""
-    if image.mode not in _PLAIN_MODES | _SIXTEEN_BIT_MODES | _ALPHA_MODES:
+    if image.mode not in _SUPPORTED_MODES:
         raise ValueError(
             f"unsupported image mode {image.mode!r} (32-bit integer/float or exotic: value range unknown); "
             "convert such images to 8-bit RGB or 16-bit PNG"
