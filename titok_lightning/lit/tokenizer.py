@@ -136,10 +136,9 @@ def proxy_codes(
     images = images.float()
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(images.device.type, enabled=False):
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            latents = teacher.encoder(images)
-        return teacher.quantize.nearest_indices(latents.float())
+    # enabled=False also switches off the training step's autocast; the nearest-code search runs in fp32 by itself
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        return teacher.encode(images)
 
 
 def _check_proxy_targets(model: nn.Module, teacher: nn.Module) -> None:
