@@ -68,6 +68,18 @@ def rename_keys(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[st
     return out
 
 
+def name_rules(pairs: Iterable[tuple[str, str]], to_reference: bool = False) -> list[tuple[str, str]]:
+    """:func:`rename_keys` rules from ``(reference name, our name)`` pairs, one table for both directions: reference
+    -> ours, or ours -> reference with ``to_reference``. A name ending in ``.`` renames a key prefix, any other a
+    whole key; ``*`` stands for a block number."""
+
+    def rule(source: str, target: str) -> tuple[str, str]:
+        pattern = "^" + re.escape(source).replace(r"\*", r"(\d+)", 1) + ("" if source.endswith(".") else "$")
+        return pattern, target.replace("*", r"\1", 1)
+
+    return [rule(ours, ref) if to_reference else rule(ref, ours) for ref, ours in pairs]
+
+
 def drop_benign_extras(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state_dict.items() if not k.endswith(KNOWN_BENIGN_EXTRA_SUFFIXES)}
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from titok_lightning.convert import CheckpointMismatchError, FromReferenceConfig, rename_keys
+from titok_lightning.convert import CheckpointMismatchError, FromReferenceConfig, name_rules, rename_keys
 from titok_lightning.models.blocks import TimestepEmbedder, init_trunc_normal, modulate, timestep_embedding
 from titok_lightning.models.diffusion import GaussianDiffusion
 from titok_lightning.models.mmdit import (
@@ -181,6 +181,20 @@ def _reference_sections_of(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], d
         sample_aesthetic_score=kwargs["sample_aesthetic_score"],
     )
     return vq, mg
+
+
+# (reference name, ours) of the text conditioning's projections (and MaskGen-KL's positional embeddings); the rest
+# of the MM-DiT is renamed by convert_diffusers_keys / to_diffusers_keys
+_VQ_NAMES = [
+    ("text_embed_proj.", "transformer.context_embed."),
+    ("cond_pooled_proj.", "transformer.pooled_embed."),
+]
+_KL_NAMES = [
+    ("decoder_pos_embed_learned", "pos_embed"),
+    ("diffusion_pos_embed_learned", "diffusion_pos_embed"),
+    ("text_emb.", "transformer.context_embed."),
+    ("text_pooled_emb.", "transformer.pooled_embed."),
+]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,13 +394,7 @@ class MaskGenVQ(_TextConditionedGenerator):
     @staticmethod
     def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sd = to_diffusers_keys(state_dict, blocks="blocks", norm="norm", prefix="transformer.")
-        sd = rename_keys(
-            sd,
-            [
-                (r"^transformer\.context_embed\.", "text_embed_proj."),
-                (r"^transformer\.pooled_embed\.", "cond_pooled_proj."),
-            ],
-        )
+        sd = rename_keys(sd, name_rules(_VQ_NAMES, to_reference=True))
         if "lm_head.weight" not in sd:  # tied: the reference saves the table under both names
             sd["lm_head.weight"] = sd["embeddings.weight"]
         return sd
@@ -403,13 +411,7 @@ class MaskGenVQ(_TextConditionedGenerator):
                 not table.is_meta and table is not head and not torch.equal(table, head.to(table.dtype))
             ):
                 raise CheckpointMismatchError("weight-tied checkpoint: lm_head.weight differs from embeddings.weight")
-        sd = rename_keys(
-            sd,
-            [
-                (r"^text_embed_proj\.", "transformer.context_embed."),
-                (r"^cond_pooled_proj\.", "transformer.pooled_embed."),
-            ],
-        )
+        sd = rename_keys(sd, name_rules(_VQ_NAMES))
         return convert_diffusers_keys(sd, blocks="blocks", norm="norm", prefix="transformer.")
 
 
@@ -770,28 +772,12 @@ class MaskGenKL(_TextConditionedGenerator):
     @staticmethod
     def to_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         sd = to_diffusers_keys(state_dict, blocks="decoder_blocks", norm="decoder_norm", prefix="transformer.")
-        return rename_keys(
-            sd,
-            [
-                (r"^pos_embed$", "decoder_pos_embed_learned"),
-                (r"^diffusion_pos_embed$", "diffusion_pos_embed_learned"),
-                (r"^transformer\.context_embed\.", "text_emb."),
-                (r"^transformer\.pooled_embed\.", "text_pooled_emb."),
-            ],
-        )
+        return rename_keys(sd, name_rules(_KL_NAMES, to_reference=True))
 
     @staticmethod
     def convert_reference_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reference ``MaskGen_KL`` keys -> ours (the diffusion head keeps its names)."""
-        sd = rename_keys(
-            state_dict,
-            [
-                (r"^decoder_pos_embed_learned$", "pos_embed"),
-                (r"^diffusion_pos_embed_learned$", "diffusion_pos_embed"),
-                (r"^text_emb\.", "transformer.context_embed."),
-                (r"^text_pooled_emb\.", "transformer.pooled_embed."),
-            ],
-        )
+        sd = rename_keys(state_dict, name_rules(_KL_NAMES))
         return convert_diffusers_keys(sd, blocks="decoder_blocks", norm="decoder_norm", prefix="transformer.")
 
 

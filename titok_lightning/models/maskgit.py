@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from titok_lightning.convert import drop_benign_extras, rename_keys
+from titok_lightning.convert import drop_benign_extras, name_rules, rename_keys
 from titok_lightning.models.blocks import Attention, Block, Mlp, init_trunc_normal
 from titok_lightning.models.class_conditional import ClassConditionalGenerator
 from titok_lightning.registry import register_model
@@ -161,6 +161,24 @@ class PostNormBlock(nn.Module):
         return self.norm2(x + self.drop(self.mlp(x)))
 
 
+# (transformers BertModel name under ``model.``, ours); q/k/v are fused into ``attn.qkv`` after the renames
+_BERT_NAMES = [
+    ("model.lm_head.", "lm_head."),
+    ("model.embeddings.word_embeddings.", "embeddings."),
+    ("model.embeddings.position_embeddings.weight", "pos_embed"),
+    ("model.embeddings.token_type_embeddings.weight", "token_type_embed"),
+    ("model.embeddings.LayerNorm.", "embed_norm."),
+    ("model.encoder.layer.*.attention.output.dense.", "blocks.*.attn.proj."),
+    ("model.encoder.layer.*.attention.output.LayerNorm.", "blocks.*.norm1."),
+    ("model.encoder.layer.*.attention.self.query.", "blocks.*.attn.query."),
+    ("model.encoder.layer.*.attention.self.key.", "blocks.*.attn.key."),
+    ("model.encoder.layer.*.attention.self.value.", "blocks.*.attn.value."),
+    ("model.encoder.layer.*.intermediate.dense.", "blocks.*.mlp.fc1."),
+    ("model.encoder.layer.*.output.dense.", "blocks.*.mlp.fc2."),
+    ("model.encoder.layer.*.output.LayerNorm.", "blocks.*.norm2."),
+]
+
+
 class ImageBert(MaskGITGenerator):
     """BERT encoder generator (the reference wraps ``transformers.BertModel``; same math and weights)."""
 
@@ -219,22 +237,7 @@ class ImageBert(MaskGITGenerator):
     @staticmethod
     def convert_reference_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """transformers ``BertModel`` keys (under ``model.``) -> ours; q/k/v are fused into ``qkv``."""
-        sd = rename_keys(
-            drop_benign_extras(state_dict),
-            [
-                (r"^model\.lm_head\.", "lm_head."),
-                (r"^model\.embeddings\.word_embeddings\.", "embeddings."),
-                (r"^model\.embeddings\.position_embeddings\.weight$", "pos_embed"),
-                (r"^model\.embeddings\.token_type_embeddings\.weight$", "token_type_embed"),
-                (r"^model\.embeddings\.LayerNorm\.", "embed_norm."),
-                (r"^model\.encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"blocks.\1.attn.proj."),
-                (r"^model\.encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"blocks.\1.norm1."),
-                (r"^model\.encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"blocks.\1.attn.\2."),
-                (r"^model\.encoder\.layer\.(\d+)\.intermediate\.dense\.", r"blocks.\1.mlp.fc1."),
-                (r"^model\.encoder\.layer\.(\d+)\.output\.dense\.", r"blocks.\1.mlp.fc2."),
-                (r"^model\.encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"blocks.\1.norm2."),
-            ],
-        )
+        sd = rename_keys(drop_benign_extras(state_dict), name_rules(_BERT_NAMES))
         if "pos_embed" in sd:
             sd["pos_embed"] = sd["pos_embed"].unsqueeze(0)
         for key in [k for k in sd if ".attn.query." in k]:
@@ -253,22 +256,7 @@ class ImageBert(MaskGITGenerator):
                 sd[f"{prefix}.attn.{name}.{suffix}"] = part
         if "pos_embed" in sd:
             sd["pos_embed"] = sd["pos_embed"].squeeze(0)
-        return rename_keys(
-            sd,
-            [
-                (r"^lm_head\.", "model.lm_head."),
-                (r"^embeddings\.", "model.embeddings.word_embeddings."),
-                (r"^pos_embed$", "model.embeddings.position_embeddings.weight"),
-                (r"^token_type_embed$", "model.embeddings.token_type_embeddings.weight"),
-                (r"^embed_norm\.", "model.embeddings.LayerNorm."),
-                (r"^blocks\.(\d+)\.attn\.proj\.", r"model.encoder.layer.\1.attention.output.dense."),
-                (r"^blocks\.(\d+)\.norm1\.", r"model.encoder.layer.\1.attention.output.LayerNorm."),
-                (r"^blocks\.(\d+)\.attn\.(query|key|value)\.", r"model.encoder.layer.\1.attention.self.\2."),
-                (r"^blocks\.(\d+)\.mlp\.fc1\.", r"model.encoder.layer.\1.intermediate.dense."),
-                (r"^blocks\.(\d+)\.mlp\.fc2\.", r"model.encoder.layer.\1.output.dense."),
-                (r"^blocks\.(\d+)\.norm2\.", r"model.encoder.layer.\1.output.LayerNorm."),
-            ],
-        )
+        return rename_keys(sd, name_rules(_BERT_NAMES, to_reference=True))
 
 
 class UViTBert(MaskGITGenerator):

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from titok_lightning.convert import rename_keys
+from titok_lightning.convert import name_rules, rename_keys
 from titok_lightning.models.blocks import Mlp, merge_heads, modulate, split_heads
 
 NORM_EPS = 1e-6
@@ -166,22 +166,28 @@ class MMDiT(nn.Module):
         return self.norm(x, c)
 
 
+def _diffusers_names(blocks: str, norm: str, prefix: str) -> list[tuple[str, str]]:
+    """(diffusers name, ours) of the MM-DiT modules whose names differ; ours sit under ``prefix``."""
+    ours = f"{prefix}blocks.*."
+    return [
+        (f"{blocks}.*.attn.to_out.0.", f"{ours}attn.proj."),
+        (f"{blocks}.*.attn.to_add_out.", f"{ours}attn.context_proj."),
+        (f"{blocks}.*.ff.net.0.proj.", f"{ours}mlp.fc1."),
+        (f"{blocks}.*.ff.net.2.", f"{ours}mlp.fc2."),
+        (f"{blocks}.*.ff_context.net.0.proj.", f"{ours}context_mlp.fc1."),
+        (f"{blocks}.*.ff_context.net.2.", f"{ours}context_mlp.fc2."),
+        # the rest of these modules only moves under ``prefix`` (after the renames above)
+        (f"{blocks}.*.norm1.", f"{ours}norm1."),
+        (f"{blocks}.*.norm1_context.", f"{ours}norm1_context."),
+        (f"{blocks}.*.attn.", f"{ours}attn."),
+        (f"{norm}.linear.", f"{prefix}norm.linear."),
+    ]
+
+
 def convert_diffusers_keys(state_dict: Mapping[str, torch.Tensor], blocks: str, norm: str, prefix: str) -> dict:
     """Map diffusers MM-DiT keys (``<blocks>.<i>.attn.to_q`` ..., final ``<norm>``) onto :class:`MMDiT`
     under ``prefix``: q/k/v projections are concatenated into the fused ``qkv`` / ``context_qkv``."""
-    sd = rename_keys(
-        state_dict,
-        [
-            (rf"^{blocks}\.(\d+)\.attn\.to_out\.0\.", rf"{prefix}blocks.\1.attn.proj."),
-            (rf"^{blocks}\.(\d+)\.attn\.to_add_out\.", rf"{prefix}blocks.\1.attn.context_proj."),
-            (rf"^{blocks}\.(\d+)\.ff\.net\.0\.proj\.", rf"{prefix}blocks.\1.mlp.fc1."),
-            (rf"^{blocks}\.(\d+)\.ff\.net\.2\.", rf"{prefix}blocks.\1.mlp.fc2."),
-            (rf"^{blocks}\.(\d+)\.ff_context\.net\.0\.proj\.", rf"{prefix}blocks.\1.context_mlp.fc1."),
-            (rf"^{blocks}\.(\d+)\.ff_context\.net\.2\.", rf"{prefix}blocks.\1.context_mlp.fc2."),
-            (rf"^{blocks}\.(\d+)\.(norm1|norm1_context|attn)\.", rf"{prefix}blocks.\1.\2."),
-            (rf"^{norm}\.linear\.", rf"{prefix}norm.linear."),
-        ],
-    )
+    sd = rename_keys(state_dict, name_rules(_diffusers_names(blocks, norm, prefix)))
     fused = {"": ("to_q", "to_k", "to_v"), "context_": ("add_q_proj", "add_k_proj", "add_v_proj")}
     attn_prefixes = sorted({k.rsplit(".attn.", 1)[0] for k in sd if ".attn.to_q." in k})
     for block in attn_prefixes:
@@ -201,17 +207,4 @@ def to_diffusers_keys(state_dict: Mapping[str, torch.Tensor], blocks: str, norm:
         block, name, kind = key.rsplit(".", 2)
         for part, tensor in zip(fused[name], sd.pop(key).chunk(3, dim=0)):
             sd[f"{block}.{part}.{kind}"] = tensor
-    p = prefix.replace(".", r"\.")
-    return rename_keys(
-        sd,
-        [
-            (rf"^{p}blocks\.(\d+)\.attn\.proj\.", rf"{blocks}.\1.attn.to_out.0."),
-            (rf"^{p}blocks\.(\d+)\.attn\.context_proj\.", rf"{blocks}.\1.attn.to_add_out."),
-            (rf"^{p}blocks\.(\d+)\.mlp\.fc1\.", rf"{blocks}.\1.ff.net.0.proj."),
-            (rf"^{p}blocks\.(\d+)\.mlp\.fc2\.", rf"{blocks}.\1.ff.net.2."),
-            (rf"^{p}blocks\.(\d+)\.context_mlp\.fc1\.", rf"{blocks}.\1.ff_context.net.0.proj."),
-            (rf"^{p}blocks\.(\d+)\.context_mlp\.fc2\.", rf"{blocks}.\1.ff_context.net.2."),
-            (rf"^{p}blocks\.(\d+)\.(norm1|norm1_context|attn)\.", rf"{blocks}.\1.\2."),
-            (rf"^{p}norm\.linear\.", rf"{norm}.linear."),
-        ],
-    )
+    return rename_keys(sd, name_rules(_diffusers_names(blocks, norm, prefix), to_reference=True))
