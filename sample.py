@@ -110,7 +110,7 @@ def sample_conditions(cfg: DictConfig, generator: nn.Module) -> list[int] | list
     """The condition of every image index: class ``i % num_classes`` or prompt ``i % num_prompts``."""
     if isinstance(generator, (MaskGITGenerator, RAR)):
         num_classes = cfg.num_classes or generator.num_classes
-        if not 0 < num_classes <= generator.num_classes:
+        if num_classes > generator.num_classes:  # check_numbers has refused num_classes < 1
             raise ValueError(f"num_classes={num_classes}, the generator has {generator.num_classes} classes")
         return list(range(num_classes)) * cfg.num_per_class
     if cfg.prompts_file is None:

@@ -334,7 +334,7 @@ def sampler_settings(generator: nn.Module) -> set[str]:
     """Names of the sampler settings ``generator.generate`` accepts (its ``sampling`` dataclass, or its keywords)."""
     if dataclasses.is_dataclass(getattr(generator, "sampling", None)):
         return {field.name for field in dataclasses.fields(generator.sampling)}
-    inputs = {"self", "condition", "condition_pooled", "null_condition", "null_condition_pooled", "aesthetic_score"}
+    inputs = {"condition", "condition_pooled", "null_condition", "null_condition_pooled", "aesthetic_score"}
     return set(inspect.signature(generator.generate).parameters) - inputs - {"generator", "progress"}
 
 
