@@ -46,8 +46,14 @@ EXPERIMENTS = sorted([*REFERENCE, "demo"])
 
 def compose_train(overrides: list[str], tmp_path: Path | None = None):
     """Compose conf/train.yaml as `python train.py <overrides>` would, with the hydra node for ${hydra:...}."""
+    return compose_job("train", overrides, tmp_path)
+
+
+def compose_job(config_name: str, overrides: list[str], tmp_path: Path | None = None):
+    """Compose conf/<config_name>.yaml as `python <config_name>.py <overrides>` would; with ``tmp_path``, the
+    runtime folders Hydra would set point there."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     if tmp_path is not None:
         with open_dict(cfg):
             cfg.hydra.runtime.output_dir = str(tmp_path)

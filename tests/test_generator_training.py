@@ -14,15 +14,13 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 from torch.utils.data import DataLoader
 
 from datamodules.convert import encode_png, write_shards
 from datamodules.shards import collate_samples
 from datamodules.tokens import write_token_shards
-from tests.test_configs import CONF, MANIFESTS, ROOT, compose_train
+from tests.test_configs import CONF, MANIFESTS, ROOT, compose_job, compose_train
 from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
 from titok_lightning.lit.generator import MaskGenKLModule, MaskGenVQModule, MaskGITModule, RARModule
 from titok_lightning.loading import build_model
@@ -495,15 +493,7 @@ def tokenizer_checkpoint(path: Path) -> Path:
 
 
 def compose_sample(overrides: list[str], out: Path):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("sample", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.runtime.cwd = str(out)
-        cfg.paths.root_dir = str(out)  # outputs/ under the test's folder
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_job("sample", overrides, out)
 
 
 def tiny_extractor(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

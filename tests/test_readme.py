@@ -7,11 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from tests.test_configs import CONF, ROOT
+from tests.test_configs import ROOT, compose_job
 from tests.test_train import digits_cache  # noqa: F401 (fixture)
 from titok_lightning.zoo import model_zoo_markdown
 from train import check_mandatory
@@ -60,16 +58,6 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     return jobs
 
 
-def compose_job(script: str, overrides: list[str], output_dir: Path):
-    """The job config of ``python <script> <overrides>``, with the runtime values Hydra sets when it runs it."""
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(script.removesuffix(".py"), overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
-
-
 def test_every_block_is_run_or_marked_and_every_command_composes_as_printed(tmp_path):
     blocks = bash_blocks()
     assert len(blocks) == README.read_text().count("```bash"), "a marker that is not right above its block"
@@ -83,7 +71,7 @@ def test_every_block_is_run_or_marked_and_every_command_composes_as_printed(tmp_
             if script not in ("train.py", "sample.py"):
                 continue
             for job in sweep_jobs(overrides) if "-m" in flags else [overrides]:
-                cfg = compose_job(script, job, tmp_path)
+                cfg = compose_job(script.removesuffix(".py"), job, tmp_path)
                 if script == "train.py":
                     check_mandatory(cfg)  # the command gives every mandatory setting
                 for override in job:  # brace patterns reach the datamodule unexpanded and unquoted
