@@ -47,7 +47,6 @@ run)
   train) args=(--rows none --train-steps 150 --workdir .device/bench_train) ;;
   *) echo "unknown part $part (rows or train)" >&2; exit 2 ;;
   esac
-  set -o pipefail
   python3 scripts/benchmark.py "${args[@]}" --out "$out/bench_$part.json" "$@" 2>&1 | tee -a "$out/bench_$part.log"
   ;;
 *)
