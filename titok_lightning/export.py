@@ -27,10 +27,11 @@ from titok_lightning.loading import (
     build_model,
     canonical,
     constructor_defaults,
+    lists_to_tuples,
     load_weights,
     read_weights,
 )
-from titok_lightning.registry import get_spec
+from titok_lightning.registry import model_kwargs
 
 WEIGHTS_FILE = "model.safetensors"
 
@@ -90,9 +91,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, use_ema: bool 
         raise ValueError(f"{ckpt_path} is not a checkpoint trained here (no hyper_parameters.tokenizer / .generator)")
     spec = dict(spec)
     model = load_weights(build_model(spec), weights)
-    registry_spec = get_spec(spec.pop("name"))
-    kwargs = {**registry_spec.kwargs, **{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}}
-    return save_reference(registry_spec.model_cls, kwargs, model.state_dict(), out_dir)
+    kwargs = model_kwargs(spec.pop("name"), **lists_to_tuples(spec))
+    return save_reference(type(model), kwargs, model.state_dict(), out_dir)
 
 
 def main(argv: list[str] | None = None) -> None:

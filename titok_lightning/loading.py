@@ -79,7 +79,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def _tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def lists_to_tuples(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     # YAML has no tuples; model constructors compare sizes such as channel_mult as tuples.
     return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
 
@@ -89,7 +89,7 @@ def build_model(spec: Mapping[str, Any]) -> nn.Module:
     spec = dict(plain(spec))
     if "name" not in spec:
         raise ValueError(f"a model spec needs the registry variant 'name', got {spec}")
-    return create_model(spec.pop("name"), **_tuples(spec))
+    return create_model(spec.pop("name"), **lists_to_tuples(spec))
 
 
 def constructor_defaults(model_cls: type) -> dict[str, Any]:
@@ -485,7 +485,7 @@ def load_pretrained(
             raise KeyError(f"{weights.origin} names no model spec (hyper_parameters.tokenizer / .generator)")
         model_spec = {"name": spec.name, **overrides} if spec is not None else {**weights.spec, **overrides}
         return load_weights(build_model(model_spec), weights).eval()
-    return load_weights(_model_for_reference_weights(weights, spec, _tuples(overrides)), weights).eval()
+    return load_weights(_model_for_reference_weights(weights, spec, lists_to_tuples(overrides)), weights).eval()
 
 
 def load_trained(path: str | os.PathLike, role: str, use_ema: bool = True) -> tuple[nn.Module, dict[str, Any]]:
@@ -525,4 +525,4 @@ def load_spec(spec: Mapping[str, Any], what: str = "model", use_ema: bool = True
     name = spec.pop("name", None)
     source = os.fspath(source)
     variant = None if source in list_models() else name
-    return load_pretrained(source, variant=variant, use_ema=use_ema, **_tuples(spec))
+    return load_pretrained(source, variant=variant, use_ema=use_ema, **lists_to_tuples(spec))
