@@ -170,7 +170,7 @@ def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int)
     """A MaskGIT checkpoint in the layout of this project's generator training, as if saved at ``step``: weights of
     unit scale drawn from ``seed`` (a fresh init's small logits would let the sampling noise alone pick the tokens)."""
     from tests.test_generator_training import tiny_generator_spec
-    from titok_lightning.lit.tokenizer import build_model
+    from titok_lightning.loading import build_model
 
     spec = {**tiny_generator_spec("MaskGITModule", "maskgit_titok_b64"), "num_classes": 10}
     weights = torch.Generator().manual_seed(seed)
