@@ -421,6 +421,7 @@ class ReconstructionModule(L.LightningModule):
 def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, float]:
     """Reconstruction metrics of ``cfg.tokenizer`` on ``cfg.data.val_shards``."""
     from callbacks import ReconstructionMetricsCallback
+    from callbacks.skipped_samples import counts_over_ranks
     from datamodules import ImageDataModule
 
     if cfg.tokenizer is None:
@@ -446,8 +447,7 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
     trainer.validate(module, datamodule=datamodule, verbose=False)
     results = dict(metrics.last_metrics)
     # unreadable validation images are skipped: say how many, or the metrics would silently cover fewer images
-    counts = torch.from_numpy(datamodule.skip_counter.counts()).to(trainer.strategy.root_device)
-    skipped = trainer.strategy.reduce(counts, reduce_op="sum").cpu().numpy()
+    skipped = counts_over_ranks(trainer, datamodule.skip_counter)
     if trainer.is_global_zero and skipped.sum():
         from datamodules.shards import skip_summary
 

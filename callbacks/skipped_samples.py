@@ -6,8 +6,15 @@ import json
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+
+
+def counts_over_ranks(trainer: pl.Trainer, counter) -> np.ndarray:
+    """A ``SkipCounter``'s counts summed over the ranks (a collective: call on every rank)."""
+    counts = torch.from_numpy(counter.counts()).to(trainer.strategy.root_device)
+    return trainer.strategy.reduce(counts, reduce_op="sum").cpu().numpy()
 
 
 class SkippedSamplesCallback(Callback):
@@ -24,10 +31,6 @@ class SkippedSamplesCallback(Callback):
     def _counter(trainer: pl.Trainer):
         return getattr(trainer.datamodule, "skip_counter", None)
 
-    def _total_counts(self, trainer: pl.Trainer, counter) -> torch.Tensor:
-        counts = torch.from_numpy(counter.counts()).to(trainer.strategy.root_device)
-        return trainer.strategy.reduce(counts, reduce_op="sum").cpu()
-
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx):
         counter = self._counter(trainer)
         # on the batches whose metrics Lightning writes (the same on every rank): a value logged in between would be
@@ -41,7 +44,7 @@ class SkippedSamplesCallback(Callback):
         counter = self._counter(trainer)
         if counter is None:
             return
-        counts = self._total_counts(trainer, counter).numpy()
+        counts = counts_over_ranks(trainer, counter)
         if trainer.is_global_zero:
             self._report(trainer, counter, counts, "all ranks")
 
