@@ -26,6 +26,7 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
+from tqdm import tqdm
 
 from titok_lightning.lit.base import NonFiniteLossError
 
@@ -175,7 +177,7 @@ class ResumableCheckpoint(ModelCheckpoint):
                 code = 0 if requeued else code
             else:
                 message += "; run the same command again to resume"
-            print(message, flush=True)
+            _say(message)
         code = int(trainer.strategy.broadcast(code))
         raise TrainingStopped(code)
 
@@ -200,10 +202,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         finally:
             self._saving_between_batches = False
         if trainer.is_global_zero:
-            print(
+            _say(
                 f"{type(exception).__name__}: saved {self.last_model_path} with the last complete step "
-                f"({trainer.global_step}) before stopping",
-                flush=True,
+                f"({trainer.global_step}) before stopping"
             )
 
     # --------------------------------------------------------------------------------------------- checkpoints
@@ -302,3 +303,9 @@ def _requeue_slurm_job() -> tuple[bool, str]:
     if result.returncode != 0:
         return False, f"scontrol requeue {job_id} failed ({result.stderr.strip()}): resubmit the job to resume"
     return True, f"requeued SLURM job {job_id}"
+
+
+def _say(message: str) -> None:
+    """One line on stdout that starts a line of its own: tqdm.write lifts the progress bar that shares stdout."""
+    tqdm.write(message)
+    sys.stdout.flush()

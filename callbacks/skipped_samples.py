@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from tqdm import tqdm
 
 
 def counts_over_ranks(trainer: pl.Trainer, counter) -> np.ndarray:
@@ -60,7 +61,8 @@ class SkippedSamplesCallback(Callback):
         # not trainer.log_dir: it is a broadcast, and this runs on one rank (rank 0, or the failing rank)
         logger = trainer.loggers[0] if trainer.loggers else None
         folder = Path(getattr(logger, "log_dir", None) or trainer.default_root_dir)
-        print(f"data ({scope}): {skip_summary(counts, counter.sources)} (details: {folder / 'skipped_samples.json'})")
+        details = folder / "skipped_samples.json"
+        tqdm.write(f"data ({scope}): {skip_summary(counts, counter.sources)} (details: {details})")
         names = [*counter.sources, "<unknown file>"]
         record = {
             "skipped_samples": int(counts.sum()),
@@ -69,4 +71,4 @@ class SkippedSamplesCallback(Callback):
             "scope": scope,
         }
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "skipped_samples.json").write_text(json.dumps(record, indent=1))
+        details.write_text(json.dumps(record, indent=1))
