@@ -17,6 +17,7 @@ import random
 import re
 import signal
 import tarfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from glob import glob
 from itertools import islice
@@ -133,13 +134,44 @@ def worker_slot() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def ignore_stop_signals_in_worker() -> None:
-    """In a DataLoader worker, ignore SIGTERM / SIGUSR1 / SIGUSR2: SLURM and ``kill`` of a process group signal the
-    workers too, and a worker that dies of it would turn the training process's checkpoint-and-stop into a crash
-    (the training process stops its workers itself)."""
-    if torch.utils.data.get_worker_info() is not None:
-        for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+_shielded_pid: int | None = None  # the worker process whose stop signals are filtered (set once per process)
+
+
+def shield_worker_from_stop_signals(owner_pid: int) -> None:
+    """In a DataLoader worker, ignore SIGTERM / SIGUSR1 / SIGUSR2 from anyone but `owner_pid`, the training process.
+
+    SLURM and ``kill`` of a process group signal the workers too, and a worker that died of it would turn the
+    training process's checkpoint-and-stop into a crash (the training process stops its workers itself). The
+    training process's own signal must still end the worker: ``multiprocessing`` terminates live workers with
+    SIGTERM when the interpreter exits, and then waits for them (a worker ignoring it outright hung that exit).
+    A plain handler cannot tell who sent a signal, so the worker blocks the signals and a thread reads each with
+    its sender (``sigwaitinfo``); where that call is missing (macOS) the signals are ignored outright.
+    """
+    global _shielded_pid
+    if torch.utils.data.get_worker_info() is None or _shielded_pid == os.getpid():
+        return  # the main process, or a persistent worker starting another epoch
+    _shielded_pid = os.getpid()
+    if not hasattr(signal, "sigwaitinfo"):
+        for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        return
+    for signum in STOP_SIGNALS:  # not SIG_IGN: an ignored signal may be discarded instead of waiting for the thread
+        signal.signal(signum, _no_op_handler)
+    # blocked before the thread starts: threads inherit the mask, so the signals reach no thread but that one
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    threading.Thread(target=_end_on_stop_signal_from, args=(owner_pid,), name="stop-signal-filter", daemon=True).start()
+
+
+def _no_op_handler(signum: int, frame: Any) -> None:
+    pass
+
+
+def _end_on_stop_signal_from(owner_pid: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        if info.si_pid == owner_pid:
+            os._exit(128 + info.si_signo)
 
 
 SKIP_REASONS = (
@@ -365,6 +397,7 @@ class TrainStream(IterableDataset):
         self.batch_size, self.seed = module.batch_size, module.stream_seed
         self.shuffle_buffer, self.shuffle_initial = module.shuffle_buffer, module.shuffle_initial
         self.counter = module.skip_counter
+        self.owner_pid = os.getpid()  # the training process: its stop signals end the workers
 
     def __len__(self) -> int:
         return self.batches_per_reader * self.workers
@@ -381,7 +414,7 @@ class TrainStream(IterableDataset):
                 raise RuntimeError(f"training reader {reader} found no readable sample in its part of epoch {epoch}")
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ignore_stop_signals_in_worker()
+        shield_worker_from_stop_signals(self.owner_pid)
         worker, _ = worker_slot()
         epoch, start, raw_done = self.position.get()
         role = (worker + start) % self.workers
@@ -482,9 +515,10 @@ class PartitionedSamples(IterableDataset):
     def __init__(self, shards: Sequence[str], rank: int, world_size: int, handler: Callable[[BaseException], bool]):
         super().__init__()
         self.shards, self.rank, self.world_size, self.handler = list(shards), rank, world_size, handler
+        self.owner_pid = os.getpid()  # the evaluating process: its stop signals end the workers
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        ignore_stop_signals_in_worker()
+        shield_worker_from_stop_signals(self.owner_pid)
         worker, num_workers = worker_slot()
         readers = self.world_size * num_workers
         reader = self.rank * num_workers + worker

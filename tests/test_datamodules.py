@@ -195,6 +195,48 @@ def test_samples_per_epoch_defaults_to_the_shard_count(tmp_path):
     assert dm.train_batches_per_rank == 5  # each sample at most once per epoch: 11 // 2 full batches
 
 
+_HOLD_A_LOADER = """
+import multiprocessing, sys
+from datamodules.images import ImageDataModule
+
+dm = ImageDataModule(train_shards=sys.argv[1], image_size=8, batch_size=2, num_workers=2, pin_memory=False)
+dm.setup("fit")
+batches = iter(dm.train_dataloader())
+next(batches)
+print(*[worker.pid for worker in multiprocessing.active_children()], flush=True)
+sys.stdin.readline()  # meanwhile the test signals the workers
+next(batches)
+print("workers alive", flush=True)
+"""  # and exits holding the loader's iterator: multiprocessing stops its live workers with SIGTERM at exit
+
+
+def test_workers_ignore_stop_signals_from_others_but_not_from_the_exiting_training_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shards = _write(tmp_path, "w", _class_samples(12), 3)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_LOADER, shards],
+        cwd=Path(__file__).parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        workers = [int(pid) for pid in process.stdout.readline().split()]
+        assert len(workers) == 2, process.stderr.read() if process.poll() is not None else workers
+        for pid in workers:  # as SLURM or a process-group kill would: the training process decides when to stop
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGUSR1)
+        out, err = process.communicate("\n", timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0 and out.strip() == "workers alive", err[-2000:]
+
+
 def _corrupt_samples() -> list[dict]:
     good = _class_samples(6)
     good[1]["png"] = b"definitely not an image"
