@@ -42,7 +42,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
-from titok_lightning.lit.generator import generate_images
+from titok_lightning.lit.generator import check_sampling, generate_images
 from titok_lightning.loading import checkpoint_global_step, load_pretrained, load_trained, plain
 from titok_lightning.metrics import (
     FeatureExtractor,
@@ -483,9 +483,10 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
     """Generate every missing image, then (rank 0) write the npz and the metrics. Returns the metrics record."""
     generator, tokenizer, text_encoder, name = load_generation_models(cfg)
     conditions = sample_conditions(cfg, generator)
+    sampling = plain(cfg.sampling) or {}
+    check_sampling(generator, sampling, "sampling")  # before any image: a typo would fail at the first chunk
     output_dir = Path(cfg.output_dir) if cfg.output_dir is not None else default_output_dir(cfg, name)
     folder = output_dir / "images"
-    sampling = plain(cfg.sampling) or {}
     trainer = L.Trainer(**plain(cfg.trainer), logger=False, enable_checkpointing=False)
     if trainer.is_global_zero:
         identity = {

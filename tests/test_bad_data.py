@@ -183,6 +183,18 @@ def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int)
     return path
 
 
+def test_sample_settings_are_checked_before_any_image(tmp_path):
+    import sample
+    from tests.test_generator_training import compose_sample, tokenizer_checkpoint
+
+    ckpt = generator_checkpoint(tmp_path / "last.ckpt", tokenizer_checkpoint(tmp_path / "tok.ckpt"), step=1, seed=0)
+    out = tmp_path / "samples"
+    overrides = [f"ckpt_path={ckpt}", f"output_dir={out}", "num_per_class=1", "trainer.accelerator=cpu"]
+    with pytest.raises(ValueError, match=r"sampling: \['num_step'\] are not settings of ImageBert's sampler"):
+        sample.run(compose_sample([*overrides, "++sampling.num_step=2"], tmp_path / "h"))
+    assert not out.exists()
+
+
 def test_sample_rerun_after_the_checkpoint_trained_further_refuses_then_regenerates(tmp_path):
     import sample
     from tests.test_generator_training import compose_sample, tokenizer_checkpoint

@@ -486,7 +486,9 @@ def test_maskgen_kl_reads_stored_posterior_moments():
 def tokenizer_checkpoint(path: Path) -> Path:
     """A tokenizer checkpoint in the layout of this project's tokenizer training (EMA weights in state_dict)."""
     spec = {k: v for k, v in TINY_TOKENIZERS["vq"].items() if k != "pretrained"}
-    model = build_model(spec)
+    with torch.random.fork_rng(devices=[]):  # the same weights whatever ran before (some draws decode to flat images)
+        torch.manual_seed(0)
+        model = build_model(spec)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": {"tokenizer": spec}, "state_dict": state}, path)
     return path

@@ -187,12 +187,7 @@ class GeneratorModule(TrainingModule):
             load_weights(self.model, init_from)
         self.sampling = dict(plain(sampling) or {})
         self.sample_grid = dict(plain(sample_grid) or {})
-        unknown = sorted(set(self.sampling) - sampler_settings(self.model))
-        if unknown:  # the grids would fail only at their first step (5000 in the recipes)
-            raise ValueError(
-                f"model.sampling: {unknown} are not settings of {type(self.model).__name__}'s sampler; it takes "
-                f"{sorted(sampler_settings(self.model))}"
-            )
+        check_sampling(self.model, self.sampling, "model.sampling")  # else the grids fail at their first step
         self._check_sample_grid()
 
     # ---------------------------------------------------------------------------------------- token space
@@ -336,6 +331,16 @@ def sampler_settings(generator: nn.Module) -> set[str]:
         return {field.name for field in dataclasses.fields(generator.sampling)}
     inputs = {"condition", "condition_pooled", "null_condition", "null_condition_pooled", "aesthetic_score"}
     return set(inspect.signature(generator.generate).parameters) - inputs - {"generator", "progress"}
+
+
+def check_sampling(generator: nn.Module, sampling: Mapping[str, Any], key: str) -> None:
+    """A clear error for ``sampling`` settings (config key ``key``) that ``generator``'s sampler does not take."""
+    unknown = sorted(set(sampling) - sampler_settings(generator))
+    if unknown:
+        raise ValueError(
+            f"{key}: {unknown} are not settings of {type(generator).__name__}'s sampler; it takes "
+            f"{sorted(sampler_settings(generator))}"
+        )
 
 
 def _batch_size(batch: Mapping[str, Any]) -> int:
