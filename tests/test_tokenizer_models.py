@@ -284,6 +284,29 @@ def test_stage2_initialisation_from_stage1_and_pixel_tokenizer():
         torch.testing.assert_close(stage2(pixels)[0], expected)
 
 
+def test_stage2_pixel_decoder_may_upsample_the_grid_to_another_size():
+    """The reference builds stage-2 models whose pixel decoder upsamples the decoder grid to another size than the
+    input images (parity fixtures may hold one); stage-2 training, which compares with the inputs, refuses them."""
+    import hydra
+
+    from tests.test_configs import compose_train
+    from tests.test_train import tiny_overrides
+
+    # 3 resolutions upsample the 4x4 grid of the 8-pixel patches by 4: 16px images from 32px inputs
+    pixel_vqgan = {**TINY_PIXEL_VQGAN, "channel_mult": (1, 1, 2), "num_resolutions": 3}
+    model = tiny("titok_b64", pixel_vqgan=pixel_vqgan).eval()
+    with torch.no_grad():
+        images, _ = model(torch.rand(2, 3, IMAGE, IMAGE))
+    assert images.shape == (2, 3, 16, 16)
+
+    # train.py's stage 2 with a 4-pixel decoder patch: the tiny teacher's 8x upsampling makes 64px images
+    cfg = compose_train([*tiny_overrides("titok_s128_stage2"), "model.tokenizer.decoder_patch_size=4"])
+    with pytest.raises(
+        hydra.errors.InstantiationException, match="8x8 decoder grid into 64px images, the inputs are 32px"
+    ):
+        hydra.utils.instantiate(cfg.model)
+
+
 def test_invalid_configurations_raise():
     with pytest.raises(ValueError):
         TiTok(**TINY_VIT, token_size=6, quantize_mode="vae", finetune_decoder=True)

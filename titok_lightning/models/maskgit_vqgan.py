@@ -170,6 +170,7 @@ class Decoder(nn.Module):
         )
         self.norm_out = nn.GroupNorm(32, widths[0], eps=1e-6)
         self.conv_out = nn.Conv2d(widths[0], num_channels, 3, padding=1)
+        self.upsample_factor = 2 ** (num_resolutions - 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(z)
