@@ -468,7 +468,7 @@ def tokens(batch_size: int, generator: dict) -> torch.Tensor:
 def random_stage1_checkpoint(config: dict, workdir: Path) -> Path:
     """Stage 2's mandatory ``init_from``: a stage-1 checkpoint of random weights (the rows then load the converted
     reference weights over them)."""
-    from titok_lightning.lit.tokenizer import build_model
+    from titok_lightning.loading import build_model
 
     stage1 = build_model(tokenizer_spec("titok_b64", config, stage1=True))
     path = workdir / "stage1.ckpt"
@@ -798,17 +798,9 @@ def train_run_overrides(experiment: str, data: dict[str, Path], steps: int, run_
     return common
 
 
-def hydra_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    return str(value)
-
-
 def nested_overrides(prefix: str, spec: dict) -> list[str]:
+    from titok_lightning.overrides import override_value
+
     out = []
     for key, value in spec.items():
         if key in ("name", "pretrained", "sampling"):
@@ -816,7 +808,7 @@ def nested_overrides(prefix: str, spec: dict) -> list[str]:
         if isinstance(value, dict):
             out += nested_overrides(f"{prefix}.{key}", value)
         else:
-            out.append(f"++{prefix}.{key}={hydra_value(value)}")
+            out.append(f"++{prefix}.{key}={override_value(value)}")
     return out
 
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train
 from titok_lightning.lit.base import NonFiniteLossError
 from titok_lightning.loading import build_model, load_model_state_dict, load_pretrained
+from titok_lightning.overrides import set_overrides
 from train import train
 
 TINY_VIT = {
@@ -47,14 +48,6 @@ TINY_PIXEL = {"num_proxy_codes": 16, "pixel_codebook_size": 16, "pixel_codebook_
 DIGIT_NAMES = "[zero,one,two,three,four,five,six,seven,eight,nine]"
 
 
-def _set(prefix: str, values: dict) -> list[str]:
-    return [f"++{prefix}.{key}={_yaml(value)}" for key, value in values.items()]
-
-
-def _yaml(value) -> str:
-    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
-
-
 def tiny_overrides(experiment: str, perceptual: bool = False) -> list[str]:
     """Shrink an experiment to seconds on a CPU: tiny model, digits data, batch 4, random frozen networks."""
     overrides = [
@@ -65,21 +58,21 @@ def tiny_overrides(experiment: str, perceptual: bool = False) -> list[str]:
         "logger=csv",
         "trainer=cpu",
         "trainer.precision=32-true",
-        *_set("model.tokenizer", TINY_VIT),
+        *set_overrides("model.tokenizer", TINY_VIT),
     ]
     model_target = OmegaConf.load(CONF / "model" / f"{_model_group(experiment)}.yaml")._target_
     if model_target.endswith(("Stage1Module", "Stage2Module")):
-        overrides += ["model.teacher.pretrained=null", *_set("model.teacher", TINY_VQGAN)]
-        overrides += _set("model.tokenizer", TINY_PIXEL)
+        overrides += ["model.teacher.pretrained=null", *set_overrides("model.teacher", TINY_VQGAN)]
+        overrides += set_overrides("model.tokenizer", TINY_PIXEL)
     if model_target.endswith("Stage2Module"):
-        overrides += ["model.init_from=null", *_set("model.tokenizer.pixel_vqgan", _pixel_conf())]
+        overrides += ["model.init_from=null", *set_overrides("model.tokenizer.pixel_vqgan", _pixel_conf())]
     if model_target.endswith(("Stage2Module", "TATiTokModule", "PixelTokenizerModule")):
         overrides += ["++model.discriminator.hidden_channels=32", "++model.discriminator.num_stages=1"]
         overrides += ["model.loss.perceptual_pretrained=false"] if perceptual else ["model.loss.perceptual_loss=null"]
     if model_target.endswith("TATiTokModule"):
         overrides += [
             "model.text_encoder.pretrained=null",
-            *_set("model.text_encoder.text_cfg", {"width": 32, "heads": 2, "layers": 1}),
+            *set_overrides("model.text_encoder.text_cfg", {"width": 32, "heads": 2, "layers": 1}),
             "++model.tokenizer.text_embed_dim=32",
             f"model.class_names={DIGIT_NAMES}",
         ]
