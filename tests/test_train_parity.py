@@ -279,8 +279,11 @@ class Capture(Callback):
         discriminator = getattr(pl_module.loss, "discriminator", None)
         if discriminator is not None:
             state["discriminator"] = {k: v.detach().clone() for k, v in discriminator.state_dict().items()}
+            # the buffers exist only with a LeCam weight > 0 (as in the reference)
             state["lecam_buffers"] = {
-                k: getattr(pl_module.loss, k).clone() for k in ("ema_real_logits_mean", "ema_fake_logits_mean")
+                k: getattr(pl_module.loss, k).clone()
+                for k in ("ema_real_logits_mean", "ema_fake_logits_mean")
+                if hasattr(pl_module.loss, k)
             }
         torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
