@@ -103,7 +103,8 @@ def run_loss_ar(fixture: Fixture) -> dict[str, torch.Tensor]:
 
 def run_lr_schedule(fixture: Fixture) -> dict[str, torch.Tensor]:
     outputs = {}
-    for name in ("cosine", "constant"):
+    # one output lr_<name> per schedule in the config (the optimizer's entry is not one)
+    for name in [k.removeprefix("lr_") for k in fixture.meta["outputs"] if k.startswith("lr_")]:
         args = fixture.config[name]
         optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=args["base_lr"])
         scheduler = build_lr_scheduler(
