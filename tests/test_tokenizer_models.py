@@ -164,6 +164,19 @@ def test_maskgit_vqgan_contracts():
         model.decode(codes.flatten(1)[:, :-1])
 
 
+def test_vector_quantizer_l2_output_rounds_like_the_reference():
+    """The reference normalises a contiguous [B, H, W, C] copy; normalising the permuted view rounds 1 ulp
+    differently for some shapes (here C=6, N=3), which a training trajectory amplifies (stage 2's pixel decoder)."""
+    generator = torch.Generator().manual_seed(1)
+    quantizer = VectorQuantizer(codebook_size=10, token_size=6, use_l2_norm=True)
+    quantizer.embedding.weight.data.copy_(torch.randn(10, 6, generator=generator))
+    z = torch.randn(4, 6, 1, 3, generator=generator)
+    zq, info = quantizer(z)
+    features = F.normalize(z.permute(0, 2, 3, 1).contiguous(), dim=-1)
+    codes = F.normalize(quantizer.embedding.weight.detach()[info["min_encoding_indices"]], dim=-1)
+    assert torch.equal(zq, (features + (codes - features)).permute(0, 3, 1, 2))
+
+
 def test_vector_quantizer_straight_through_and_lookup():
     torch.manual_seed(0)
     for use_l2_norm in (False, True):

@@ -93,7 +93,9 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"expected {self.token_size} latent channels, got shape {tuple(z.shape)}")
         with torch.autocast(device_type=z.device.type, enabled=False):
             b, c, h, w = z.shape
-            z = z.float().permute(0, 2, 3, 1)  # [B, H, W, C]
+            # contiguous before the normalisation: reducing over the strided channel dim of the permuted view
+            # rounds differently (1 ulp) from the reference, which normalises a contiguous [B, H, W, C] copy
+            z = z.float().permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
             features = z.reshape(-1, c)
             if self.use_l2_norm:
                 z = F.normalize(z, dim=-1)
