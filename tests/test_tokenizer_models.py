@@ -314,9 +314,25 @@ def test_stage2_pixel_decoder_may_upsample_the_grid_to_another_size():
 
     # train.py's stage 2 with a 4-pixel decoder patch: the tiny teacher's 8x upsampling makes 64px images
     cfg = compose_train([*tiny_overrides("titok_s128_stage2"), "model.tokenizer.decoder_patch_size=4"])
-    with pytest.raises(
-        hydra.errors.InstantiationException, match="8x8 decoder grid into 64px images, the inputs are 32px"
-    ):
+    with pytest.raises(hydra.errors.InstantiationException, match="8x8 grid into 64px images, the inputs are 32px"):
+        hydra.utils.instantiate(cfg.model)
+
+
+def test_image_size_need_not_be_a_multiple_of_the_patch_size():
+    """As in the reference, the patch stride leaves a remainder out: 36px inputs, 8px patches -> 32px images.
+    Single-stage training, which compares them with the inputs, refuses such a model."""
+    import hydra
+
+    from tests.test_configs import compose_train
+    from tests.test_train import tiny_overrides
+
+    model = TiTok(**{**TINY_VIT, "image_size": 36}, is_legacy=False).eval()
+    with torch.no_grad():
+        images, _ = model(torch.rand(2, 3, 36, 36))
+    assert images.shape == (2, 3, 32, 32) and model.output_size == 32
+
+    cfg = compose_train([*tiny_overrides("demo"), "++model.tokenizer.image_size=36"])
+    with pytest.raises(hydra.errors.InstantiationException, match="into 32px images, the inputs are 36px"):
         hydra.utils.instantiate(cfg.model)
 
 

@@ -47,6 +47,13 @@ class TokenizerModule(TrainingModule):
         super().__init__(plain(optimizer), plain(scheduler), **plain(training))
         self.save_hyperparameters(logger=False)
         self.model = build_model(plain(tokenizer))
+        output_size = getattr(self.model, "output_size", None)
+        if output_size is not None and output_size != self.model.image_size:  # the reference builds such models
+            grid = self.model.decoder.grid_size
+            raise ValueError(
+                f"the decoder turns its {grid}x{grid} grid into {output_size}px images, the inputs are "
+                f"{self.model.image_size}px: training compares the two (choose image and patch sizes that match)"
+            )
 
     # subclasses: images [B, 3, H, W] in [0, 1] -> (reconstructions in image space, quantizer info)
     def reconstruct(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
@@ -244,13 +251,6 @@ class TiTokStage2Module(PixelTokenizerModule):
         super().__init__(tokenizer, loss, **kwargs)
         if not getattr(self.model, "finetune_decoder", False):
             raise ValueError("stage 2 needs a tokenizer spec with finetune_decoder=True")
-        output_size = self.model.decoder.grid_size * self.model.pixel_decoder.upsample_factor
-        if output_size != self.model.image_size:
-            raise ValueError(
-                f"the pixel decoder turns the {self.model.decoder.grid_size}x{self.model.decoder.grid_size} decoder "
-                f"grid into {output_size}px images, the inputs are {self.model.image_size}px: use decoder_patch_size "
-                f"= {self.model.pixel_decoder.upsample_factor}"
-            )
         pixel_tokenizer = load_spec(teacher, "pixel decoder source (teacher)")
         if init_from is None:
             log.warning("stage 2 without init_from: the TiTok encoder and decoder start from RANDOM weights")

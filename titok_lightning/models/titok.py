@@ -63,11 +63,11 @@ class _ViT(nn.Module):
     def __init__(
         self, width: int, depth: int, num_heads: int, image_size: int, patch_size: int, num_latent_tokens: int
     ):
-        if image_size % patch_size:
-            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         super().__init__()
         self.width = width
+        # a remainder of image_size / patch_size is left out, as in the reference (the patch stride skips it)
         self.grid_size = grid_size = image_size // patch_size
+        self.patch_size = patch_size
         self.num_latent_tokens = num_latent_tokens
         self.class_embedding = nn.Parameter(torch.empty(1, width))
         self.positional_embedding = nn.Parameter(torch.empty(grid_size**2 + 1, width))
@@ -249,8 +249,8 @@ class TiTok(FromReferenceConfig, nn.Module):
         if finetune_decoder and (quantize_mode != "vq" or not is_legacy):
             raise ValueError("finetune_decoder (stage 2) needs quantize_mode='vq' and is_legacy=True")
         pixel_vqgan = pixel_vqgan or MASKGIT_VQGAN_F16_256
-        # The pixel decoder may upsample the decoder grid to another size than image_size (the reference builds
-        # and runs that); stage-2 training, which compares with the input images, checks it.
+        # Reconstructions may come out at another size than image_size (the reference builds and runs that);
+        # training, which compares them with the inputs, checks `output_size`.
         if finetune_decoder and (
             num_proxy_codes != pixel_codebook_size or pixel_codebook_dim != pixel_vqgan["z_channels"]
         ):
@@ -318,6 +318,13 @@ class TiTok(FromReferenceConfig, nn.Module):
             for module in self.pixel_decoder.modules():
                 if isinstance(module, (nn.Conv2d, nn.GroupNorm)):
                     module.reset_parameters()
+
+    @property
+    def output_size(self) -> int | None:
+        """Side of the images ``decode`` returns (None for proxy-code logits, stage 1)."""
+        if self.finetune_decoder:
+            return self.decoder.grid_size * self.pixel_decoder.upsample_factor
+        return None if self.decoder.is_legacy else self.decoder.grid_size * self.decoder.patch_size
 
     def train(self, mode: bool = True) -> TiTok:
         """Stage 2 keeps the frozen encoder and quantizer in eval mode."""
