@@ -7,7 +7,8 @@
 - every rank's random number generators (torch, CUDA, numpy, Python) in each checkpoint, restored when training
   resumes;
 - SIGTERM, SIGUSR1 and SIGUSR2 (SLURM's warning before the time limit, ``hydra.launcher.signal_delay_s``): the ranks
-  agree at the end of the current batch, write ``last.ckpt``, requeue the SLURM job when the signal is the warning
+  agree at the end of the current batch (with several ranks the next one: the agreement is read a batch late so
+  that no step waits for it), write ``last.ckpt``, requeue the SLURM job when the signal is the warning
   (or say in one line that ``scontrol`` is not there), and exit with 128 + the signal's number (0 when requeued);
 - an exception (e.g. ``NonFiniteLossError``) writes ``last.ckpt`` with the last complete step before it propagates:
   the failing batch's in-place buffer updates and random draws are undone, and if an optimizer already stepped
@@ -74,12 +75,17 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._saved_buffers: list[torch.Tensor] = []
         self._buffers_at_batch_start: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._rng_at_batch_start: dict[str, Any] = {}
+        self._agreement: tuple[torch.Tensor, Any] | None = None  # the ranks' pending stop-signal reduction
+        self._pinned_flag: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ signals
     def _handle(self, signum: int, frame: Any) -> None:
         # Only note it: collectives and file writes are unsafe inside a handler, the batch end does them.
         if not self._received:
-            log.info("received %s: the run saves and stops at the end of this batch", signal.Signals(signum).name)
+            log.info(
+                "received %s: the run saves and stops at the end of this batch (with several ranks: the next one)",
+                signal.Signals(signum).name,
+            )
         self._received = signum
 
     def _install_handlers(self) -> None:
@@ -94,15 +100,37 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._previous_handlers = {}
 
     def _agreed_signal(self, trainer: pl.Trainer) -> int:
-        """The signal any rank received (the largest number), the same on every rank."""
+        """The signal any rank received (the largest number), the same on every rank.
+
+        With several ranks this is the agreement started at the previous batch's start, read now: reading this
+        batch's reduction would make the host wait for the device to finish the previous step every step (the
+        ranks stop one batch later instead). On CUDA the result travels to pinned memory behind an event that the
+        device has long passed when the next batch starts.
+        """
         if trainer.world_size == 1:
             return self._received
+        agreed = 0
+        if self._agreement is not None:
+            host, done = self._agreement
+            if done is not None:
+                done.synchronize()
+            agreed = int(host.item())
         flag = torch.tensor([self._received], device=trainer.strategy.root_device)
-        return int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True).wait()
+        done = None
+        if flag.is_cuda:  # wait() above only made the stream wait: copy and mark without blocking the host
+            if self._pinned_flag is None:
+                self._pinned_flag = torch.empty_like(flag, device="cpu").pin_memory()
+            self._pinned_flag.copy_(flag, non_blocking=True)
+            flag, done = self._pinned_flag, torch.cuda.Event()
+            done.record()
+        self._agreement = (flag, done)
+        return agreed
 
     # ------------------------------------------------------------------------------------------- training hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install_handlers()
+        self._agreement = None
         for optimizer in trainer.optimizers:
             optimizer.register_step_post_hook(self._count_optimizer_step)
         self._resumed = trainer.ckpt_path is not None

@@ -213,14 +213,34 @@ def test_faults_one_after_another_each_resume_exactly(reference, tmp_path, digit
     assert_same_run(run_dir, reference)
 
 
-def test_ddp_run_killed_on_both_ranks_resumes_exactly(tmp_path, digits_cache):  # noqa: F811
-    # the clustering quantizer draws random numbers on each rank: every rank's random state is restored
-    ddp = ["trainer=ddp_sim", "data.num_workers=0", "++model.tokenizer.clustering_vq=true"]
+def train_py_children(process: subprocess.Popen) -> list[int]:
+    """The other ranks' processes that Lightning's DDP launcher started from this one (``python train.py ...``)."""
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    return [int(pid) for pid in children if b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def test_ddp_run_stopped_by_one_rank_then_killed_on_both_ranks_resumes_exactly(tmp_path, digits_cache):  # noqa: F811
+    # train.py's own DDP launch (as on GPUs), on 2 CPU processes; the clustering quantizer draws random numbers on
+    # each rank: every rank's random state is restored
+    ddp = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+    ddp += ["data.num_workers=0", "++model.tokenizer.clustering_vq=true"]
     reference = tmp_path / "reference"
     finish(start(reference, digits_cache, *ddp))
     run_dir = tmp_path / "run"
+
+    # SIGTERM to rank 1 only (a preempted node): rank 0 learns it from the ranks' agreement and writes the checkpoint
     process = start(run_dir, digits_cache, *ddp)
-    wait_for(lambda: (run_dir / "checkpoints" / "step_00000018.ckpt").exists(), process, "step 18")
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000006.ckpt").exists(), process, "step 6")
+    (rank1,) = train_py_children(process)
+    os.kill(rank1, signal.SIGTERM)
+    output = finish(process, expected_rc=128 + signal.SIGTERM)
+    stopped_at = checkpoint(run_dir)["global_step"]
+    assert 6 <= stopped_at < 35 and f"SIGTERM: saved {run_dir / 'checkpoints' / 'last.ckpt'}" in output
+
+    # the resumed run, SIGKILLed on both ranks after its next periodic checkpoint
+    process = start(run_dir, digits_cache, *ddp)
+    next_save = run_dir / "checkpoints" / f"step_{(stopped_at // 6 + 1) * 6:08d}.ckpt"
+    wait_for(next_save.exists, process, next_save.name)
     kill(process)
     assert checkpoint(run_dir)["global_step"] < 35
     finish(start(run_dir, digits_cache, *ddp))
