@@ -40,6 +40,7 @@ from titok_lightning.convert import convert_reference_state_dict, load_reference
 from titok_lightning.models.maskgit_vqgan import MaskGITVQGAN
 from titok_lightning.models.rar import RAR
 from titok_lightning.models.titok import TiTok
+from titok_lightning.overrides import override_value, set_overrides
 
 FIXTURE_DIR = Path(os.environ.get("TITOK_TRAIN_PARITY_DIR", ROOT.parent / "shared" / "train_parity"))
 FIXTURES = sorted(p.stem for p in FIXTURE_DIR.glob("*.json"))
@@ -48,25 +49,6 @@ FIXTURES = sorted(p.stem for p in FIXTURE_DIR.glob("*.json"))
 # ------------------------------------------------------------------------------------------------------------------
 # reference config -> this project's Hydra overrides (one function per case)
 # ------------------------------------------------------------------------------------------------------------------
-def _value(value: Any) -> str:
-    """A Python value in Hydra's override grammar."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "null"
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def _set(prefix: str, values: dict[str, Any]) -> list[str]:
-    return [f"++{prefix}.{key}={_value(value)}" for key, value in values.items()]
-
-
 def _training_overrides(fixture: dict) -> list[str]:
     """Optimizer, schedule, clipping, accumulation, length and EMA: shared by every reference training loop."""
     ref = fixture["reference_config"]
@@ -74,14 +56,14 @@ def _training_overrides(fixture: dict) -> list[str]:
     if sched["params"]["learning_rate"] != opt["learning_rate"]:
         raise ValueError("the reference schedule's learning_rate differs from the optimizer's")
     overrides = [
-        f"model.optimizer.lr={_value(opt['learning_rate'])}",
-        f"model.optimizer.betas={_value([opt['beta1'], opt['beta2']])}",
-        f"model.optimizer.weight_decay={_value(opt['weight_decay'])}",
-        f"model.optimizer.eps={_value(opt.get('epsilon', 1e-8))}",
+        f"model.optimizer.lr={override_value(opt['learning_rate'])}",
+        f"model.optimizer.betas={override_value([opt['beta1'], opt['beta2']])}",
+        f"model.optimizer.weight_decay={override_value(opt['weight_decay'])}",
+        f"model.optimizer.eps={override_value(opt.get('epsilon', 1e-8))}",
         f"model.scheduler.name={sched['scheduler']}",
         f"model.scheduler.warmup_steps={sched['params']['warmup_steps']}",
-        f"model.scheduler.end_lr={_value(sched['params']['end_lr'])}",
-        f"model.max_grad_norm={_value(training['max_grad_norm'])}",
+        f"model.scheduler.end_lr={override_value(sched['params']['end_lr'])}",
+        f"model.max_grad_norm={override_value(training['max_grad_norm'])}",
         f"model.accumulate_grad_batches={training['gradient_accumulation_steps']}",
         # the schedule's length; the fixture's shorter run ends with its data (one epoch)
         f"trainer.max_steps={training['max_train_steps']}",
@@ -101,7 +83,7 @@ def _ema_overrides(use_ema: bool, ema: dict | None) -> list[str]:
         "start_step": ema["update_after_step"],
         "update_every_n_steps": ema["update_every"],
     }
-    return [f"++callbacks.ema={_value(settings)}"]
+    return [f"++callbacks.ema={override_value(settings)}"]
 
 
 def titok_stage1_overrides(fixture: dict) -> list[str]:
@@ -110,10 +92,10 @@ def titok_stage1_overrides(fixture: dict) -> list[str]:
     teacher = MaskGITVQGAN.kwargs_from_reference_config({"patched_constants": patched})
     return [
         "experiment=titok_b64",
-        *_set("model.tokenizer", tokenizer),
+        *set_overrides("model.tokenizer", tokenizer),
         "model.teacher.pretrained=null",  # init/teacher is loaded below
-        *_set("model.teacher", teacher),
-        *_set("model.loss", ref["losses"]),
+        *set_overrides("model.teacher", teacher),
+        *set_overrides("model.loss", ref["losses"]),
         *_training_overrides(fixture),
     ]
 
@@ -128,13 +110,13 @@ def titok_stage2_overrides(fixture: dict) -> list[str]:
     losses["perceptual_loss"] = None  # weight 0: the reference adds exactly 0
     return [
         "experiment=titok_b64_stage2",
-        *_set("model.tokenizer", tokenizer),
+        *set_overrides("model.tokenizer", tokenizer),
         "model.init_from=null",  # init/model (stage-1 TiTok + pixel decoder) is loaded below
         "model.teacher.pretrained=null",
-        *_set("model.teacher", pixel),
-        *_set("model.loss", losses),
-        *_set("model.discriminator", patched.get("discriminator_kwargs", {})),
-        f"model.optimizer.discriminator_lr={_value(ref['optimizer']['params']['discriminator_learning_rate'])}",
+        *set_overrides("model.teacher", pixel),
+        *set_overrides("model.loss", losses),
+        *set_overrides("model.discriminator", patched.get("discriminator_kwargs", {})),
+        f"model.optimizer.discriminator_lr={override_value(ref['optimizer']['params']['discriminator_learning_rate'])}",
         *_training_overrides(fixture),
     ]
 
@@ -145,7 +127,7 @@ def rar_overrides(fixture: dict) -> list[str]:
     generator.pop("sampling")  # sample grids are off
     return [
         "experiment=rar_b",
-        *_set("model.generator", generator),
+        *set_overrides("model.generator", generator),
         "model.tokenizer=null",  # pre-tokenized batches; the token space comes from the generator spec
         "model.sample_grid.every_n_steps=null",
         *_training_overrides(fixture),
