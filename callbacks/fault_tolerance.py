@@ -76,6 +76,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._buffers_at_batch_start: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._rng_at_batch_start: dict[str, Any] = {}
         self._agreement: tuple[torch.Tensor, Any] | None = None  # the ranks' pending stop-signal reduction
+        self._flag: torch.Tensor | None = None  # this rank's signal, reduced in place over the ranks
         self._pinned_flag: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ signals
@@ -115,7 +116,10 @@ class ResumableCheckpoint(ModelCheckpoint):
             if done is not None:
                 done.synchronize()
             agreed = int(host.item())
-        flag = torch.tensor([self._received], device=trainer.strategy.root_device)
+        if self._flag is None:
+            self._flag = torch.zeros(1, dtype=torch.long, device=trainer.strategy.root_device)
+        # fill_, not a new tensor from a Python value: a blocking host-to-device copy would wait for the stream
+        flag = self._flag.fill_(self._received)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True).wait()
         done = None
         if flag.is_cuda:  # wait() above only made the stream wait: copy and mark without blocking the host
