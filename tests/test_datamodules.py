@@ -6,6 +6,10 @@ import io
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -211,11 +215,6 @@ print("workers alive", flush=True)
 
 
 def test_workers_ignore_stop_signals_from_others_but_not_from_the_exiting_training_process(tmp_path):
-    import signal
-    import subprocess
-    import sys
-    from pathlib import Path
-
     shards = _write(tmp_path, "w", _class_samples(12), 3)
     process = subprocess.Popen(
         [sys.executable, "-c", _HOLD_A_LOADER, shards],
