@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from titok_lightning.models import rar as rar_module
 from titok_lightning.models.maskgit import ImageBert, MaskGITSampling, UViTBert, guidance_weight, maskgit_generate
-from titok_lightning.models.rar import RAR, KVCache, RARSampling, randomness_ratio, rar_generate
+from titok_lightning.models.rar import RAR, KVCache, RARSampling, decode_key_length, randomness_ratio, rar_generate
 from titok_lightning.sampling import (
     class_condition_ids,
     masking_ratio,
@@ -222,6 +223,38 @@ def test_rar_static_decode_step_gives_the_uncached_logits_at_every_step(rar):
             torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
 
 
+def test_decode_key_length_covers_the_position_in_blocks_and_runs_the_last_block_to_the_end():
+    lengths = {position: decode_key_length(position, 258) for position in range(2, 257)}  # RAR-B's steps
+    assert all(position < length <= 258 for position, length in lengths.items())
+    assert sorted(set(lengths.values())) == [64, 128, 192, 258]
+    assert lengths[63] == 64 and lengths[64] == 128 and lengths[191] == 192 and lengths[192] == 258
+    assert {decode_key_length(p, 18) for p in range(2, 17)} == {18}  # shorter than a block: one shape
+
+
+def test_rar_decode_step_reads_only_its_key_length(rar, monkeypatch):
+    """Cache slots past the key length hold NaN (a masked NaN still poisons attention): a step that read
+    them would not give the uncached logits."""
+    monkeypatch.setattr(rar_module, "DECODE_KEY_BLOCK", 3)
+    ids = torch.randint(0, 16, (2, rar.image_seq_len))
+    condition = rar.preprocess_condition(torch.tensor([1, 3]))
+    cache = rar.make_kv_cache()
+    with torch.no_grad():
+        rar.forward_fn(ids[:, :0], condition, is_sampling=True, kv_cache=cache)
+        lengths = set()
+        for step in range(1, rar.image_seq_len):
+            position = step + 1
+            key_length = decode_key_length(position, cache.max_len)
+            lengths.add(key_length)
+            cache.keys[:, :, :, key_length:] = float("nan")
+            cache.values[:, :, :, key_length:] = float("nan")
+            cached = rar.decode_step(ids[:, step - 1], condition, torch.tensor(position), cache, key_length)
+            cache.keys[:, :, :, key_length:] = 0.0
+            cache.values[:, :, :, key_length:] = 0.0
+            full = rar.forward_fn(ids[:, :step], condition, is_sampling=True)[:, -1]
+            torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert len(lengths) == 3  # several shapes were exercised
+
+
 def test_rar_kv_cache_accepts_several_new_positions_after_a_prefix(rar):
     ids = torch.randint(0, 16, (2, rar.image_seq_len))
     condition = rar.preprocess_condition(torch.tensor([0, 4]))
@@ -255,6 +288,40 @@ def test_rar_generate_shapes_ranges_and_cache_equivalence(rar, guidance_scale):
     assert with_cache.shape == (3, rar.image_seq_len) and with_cache.dtype == torch.long
     assert with_cache.min() >= 0 and with_cache.max() < rar.codebook_size
     assert torch.equal(with_cache, without_cache)
+
+
+def test_rar_generate_with_several_key_lengths_equals_the_uncached_sampler(rar, monkeypatch):
+    monkeypatch.setattr(rar_module, "DECODE_KEY_BLOCK", 2)
+    sampling = RARSampling(guidance_scale=3.0, guidance_scale_pow=1.0)
+    with_cache = rar_generate(rar, CLASSES, sampling, generator=4)
+    assert torch.equal(with_cache, rar_generate(rar, CLASSES, replace(sampling, kv_cache=False), generator=4))
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+
+
+@CUDA
+@pytest.mark.parametrize("autocast", [False, True])
+def test_rar_cuda_graph_sampling_equals_eager_sampling(rar, autocast):
+    model = RAR(**TINY, intermediate_size=64).cuda().eval()
+    model.load_state_dict(rar.state_dict())
+    classes = CLASSES.cuda().repeat(3)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        graphed = model.generate(classes, generator=3)
+        eager = model.generate(classes, generator=3, cuda_graph=False)
+    assert torch.equal(graphed, eager)
+
+
+@CUDA
+def test_maskgit_cuda_graph_sampling_equals_eager_sampling(maskgit):
+    model = type(maskgit)(**TINY, intermediate_size=64).cuda().eval()
+    model.load_state_dict(maskgit.state_dict())
+    classes = CLASSES.cuda().repeat(3)
+    for decay in ("constant", "linear"):  # linear: step 0 runs unguided once, the others from one graph
+        sampling = MaskGITSampling(num_steps=4, guidance_decay=decay)
+        graphed = maskgit_generate(model, classes, sampling, generator=3)
+        eager = maskgit_generate(model, classes, replace(sampling, cuda_graph=False), generator=3)
+        assert torch.equal(graphed, eager)
 
 
 def test_rar_is_deterministic_and_guidance_scale_one_is_unguided(rar):

@@ -6,12 +6,13 @@
 - Randomness: every sampler takes a ``torch.Generator`` (or an int seed) so that runs repeat exactly.
 - Schedules: the masking schedules (MaskGIT's arccos and others) and the power-cosine guidance
   schedule (MDT).
+- CUDA graphs: the samplers' network calls, replayed from a graph on CUDA devices.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import torch
@@ -150,3 +151,65 @@ def progress_bar(iterable: Iterable[T], enabled: bool, desc: str) -> Iterator[T]
     from tqdm.auto import tqdm
 
     return iter(tqdm(iterable, desc=desc, leave=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CUDA graphs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def can_graph(model: torch.nn.Module, device: torch.device) -> bool:
+    """Whether ``model``'s sampling calls on ``device`` can be replayed from CUDA graphs: a CUDA device and
+    unsharded parameters (FSDP gathers each sharded block in its forward: collectives and allocations a
+    graph cannot replay)."""
+    return device.type == "cuda" and not any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+class CUDAGraphCall:
+    """``fn`` run eagerly at its first call, captured in a CUDA graph right after, and replayed for every
+    later call with inputs of the same shapes.
+
+    A sampler's network call at small batch (one RAR token, a MaskGIT step over 33 tokens) is bound by
+    kernel launches and Python, not by arithmetic; a replay launches the whole call at once. The first call
+    is a real one (it also makes the lazy initialisations a capture must not see), so capturing costs no
+    extra device work; the capture itself only records. Later calls copy their inputs into the captured
+    buffers (an int fills a 0-dim long tensor: no host-to-device copy) and return the graph's output
+    tensor, which the next replay overwrites.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor]):
+        self.fn = fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, *inputs: torch.Tensor | int) -> torch.Tensor:
+        if self.graph is None:
+            return self._run_and_capture(inputs)
+        for buffer, value in zip(self.inputs, inputs, strict=True):
+            if isinstance(value, int):
+                buffer.fill_(value)
+            else:
+                buffer.copy_(value)
+        self.graph.replay()
+        return self.output
+
+    def _run_and_capture(self, inputs: tuple[torch.Tensor | int, ...]) -> torch.Tensor:
+        device = next(x.device for x in inputs if isinstance(x, torch.Tensor))
+        self.inputs = tuple(torch.tensor(x, device=device) if isinstance(x, int) else x.clone() for x in inputs)
+        # Autocast's weight-cast cache would hand the graph tensors freed after capture.
+        autocast = torch.autocast(
+            "cuda",
+            dtype=torch.get_autocast_dtype("cuda"),
+            enabled=torch.is_autocast_enabled("cuda"),
+            cache_enabled=False,
+        )
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)  # as the capture, off the default stream
+        side.wait_stream(current)
+        with torch.cuda.stream(side), autocast:
+            first = self.fn(*self.inputs)
+        current.wait_stream(side)
+        first.record_stream(current)  # made on the side stream, read on this one
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:
+            self.output = self.fn(*self.inputs)
+        return first
