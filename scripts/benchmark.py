@@ -20,6 +20,10 @@ The stage-1 teacher is also timed in fp32, bf16 and bf16 + channels-last (``mode
 Then (unless ``--no-train-runs``) ``train.py`` itself runs ``titok_b64``, ``titok_b64_stage2``, ``rar_b`` and
 ``maskgit_titok_l32`` on synthetic shards (as ``scripts/gpu_check.py``) and the steady-state img/s of each run's
 metrics is printed.
+
+With ``--profile [N]`` every row of ours runs its timed call once more under ``torch.profiler`` and prints (and
+writes to the JSON) the top N kernels by device self time, their shares of the call's time and the number of kernel
+launches: where the time goes.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import gc
 import importlib.util
 import json
@@ -250,6 +255,114 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> list[float]
     return times
 
 
+class KernelProfile:
+    """One span (``start`` .. ``stop``) under ``torch.profiler`` (CPU, plus CUDA on a CUDA device; no shapes, stacks
+    or memory: cheap) and where its time went, by event name. On CUDA: the device-side events (kernels, copies,
+    memsets) by device time; on a CPU: every event by self CPU time (its time less that of the events inside it).
+
+    The profiler's raw events are summed here instead of through ``key_averages()``: that builds a Python object
+    and an op tree for every event, which took 88 s for one RAR sampling call at full depth (24 layers x 256 steps,
+    1.3 million events; its own run took 3.6 s)."""
+
+    def __init__(self):
+        from torch.profiler import ProfilerActivity
+
+        self.cuda = Env.device.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.prof = torch.profiler.profile(activities=activities)
+        self.started = self.seconds = 0.0
+
+    def start(self) -> None:
+        sync()
+        self.prof.start()
+        self.started = time.perf_counter()
+
+    def stop(self) -> None:
+        sync()
+        self.seconds = time.perf_counter() - self.started
+        self.prof.stop()
+
+    def summary(self, top: int, steps: int | None = None) -> dict[str, Any]:
+        """``profile``: the ``top`` names by self time (count, self ms, share of the span's wall time);
+        ``launches``: device-side events on CUDA, leaf aten ops on a CPU (``launches_per_step`` with ``steps``);
+        ``profiled_ms``; ``busy``: all events' self time / the span (on CUDA: how busy the device was)."""
+        from torch.autograd import DeviceType
+        from torch.autograd.profiler_util import _filter_name  # the profiler's own bookkeeping events
+
+        events = [e for e in self.prof.profiler.kineto_results.events() if not _filter_name(e.name())]
+        if self.cuda:
+            spans = [(e.name(), e.duration_ns(), True) for e in events if e.device_type() != DeviceType.CPU]
+            launches = len(spans)
+        else:
+            spans = cpu_self_times(e for e in events if e.device_type() == DeviceType.CPU)
+            launches = sum(1 for name, _, leaf in spans if leaf and name.startswith("aten::"))
+        totals: dict[str, list[int]] = {}
+        for name, ns, _ in spans:
+            entry = totals.setdefault(name, [0, 0])
+            entry[0] += 1
+            entry[1] += ns
+        span_ns = 1e9 * self.seconds
+        ranked = sorted(((ns, count, name) for name, (count, ns) in totals.items() if ns > 0), reverse=True)
+        out = {
+            "profiled_ms": span_ns / 1e6,
+            "busy": sum(ns for ns, _, _ in ranked) / span_ns,
+            "launches": launches,
+            "profile": [
+                {"name": short_name(name), "count": count, "self_ms": ns / 1e6, "share": ns / span_ns}
+                for ns, count, name in ranked[:top]
+            ],
+        }
+        if steps:
+            out["launches_per_step"] = launches / steps
+        return out
+
+
+def cpu_self_times(events) -> list[tuple[str, int, bool]]:
+    """(name, self ns, leaf) of profiler CPU events: an event's duration less those of the events directly inside it
+    on its thread; leaf: none inside it."""
+    threads: dict[int, list[tuple[int, int, str]]] = {}
+    for e in events:
+        threads.setdefault(e.start_thread_id(), []).append((e.start_ns(), -e.end_ns(), e.name()))
+    out = []
+    for spans in threads.values():
+        spans.sort()  # by start, the enclosing (later ending) event first
+        stack: list[list] = []  # open events: [end, name, self ns, leaf]
+        for start, neg_end, name in spans:
+            while stack and stack[-1][0] <= start:
+                out.append(tuple(stack.pop()[1:]))
+            if stack:
+                stack[-1][2] += neg_end + start
+                stack[-1][3] = False
+            stack.append([-neg_end, name, -neg_end - start, True])
+        out += [tuple(entry[1:]) for entry in reversed(stack)]
+    return out
+
+
+def short_name(name: str, width: int = 60) -> str:
+    for noise in ("void ", "at::native::", "(anonymous namespace)::"):  # what kernel names of aten all start with
+        name = name.replace(noise, "")
+    return name if len(name) <= width else name[: width - 3] + "..."
+
+
+def profile_call(fn: Callable[[], object], steps: int | None = None) -> dict[str, Any]:
+    """``fn`` once more under the profiler (after its timing: warmed up, compiled)."""
+    profile = KernelProfile()
+    profile.start()
+    try:
+        fn()
+    finally:
+        profile.stop()
+    return profile.summary(Env.args.profile, steps)
+
+
+def add_profile(result: Result, summarize: Callable[[], dict[str, Any]]) -> None:
+    """The row's profile, or why there is none: its figures are measured already and stay."""
+    try:
+        result.extra.update(summarize())
+    except Exception as err:  # noqa: BLE001 - e.g. a profiler that fails on this device
+        result.extra["profile_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+
+
 @contextlib.contextmanager
 def strict_fp32():
     """fp32 without TF32: the agreement checks compare the implementations, not the matmul precision."""
@@ -370,6 +483,25 @@ class StepTimer:
                 return [b - a for a, b in zip(self.starts, self.starts[1:])]
 
         return _Timer()
+
+
+class ProfileStep:
+    """Lightning callback (built lazily, as ``StepTimer``) profiling training batch ``index`` from its start to the
+    next batch's start: the span ``StepTimer`` times, inside the same ``fit`` (compiled and warmed up already; a
+    second ``fit`` would rebuild the trainer and recompile), on a batch after the timed ones so that the profiler's
+    overhead is in no timed step. Placed after the timer, whose reading at a batch start comes first."""
+
+    def __new__(cls, profile: KernelProfile, index: int):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Profile(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if batch_idx == index:
+                    profile.start()
+                elif batch_idx == index + 1:
+                    profile.stop()
+
+        return _Profile()
 
 
 class RepeatBatch:
@@ -564,12 +696,19 @@ def run_ours_train(row: Row, result: Result, workdir: Path) -> None:
     # FLOPs (forward and backward of every network, frozen ones included) counted on the first, eager, warm-up step
     counter = None if compiled else FlopCounterMode(display=False)
     timer = StepTimer(counter)
+    callbacks, steps, profile = [timer], warmup + iters, None
+    if Env.args.profile:  # two more batches: the profiled one and the one whose start ends its span
+        profile = KernelProfile()
+        callbacks.append(ProfileStep(profile, steps))
+        steps += 2
     reset_peak()
-    fit(cfg, module, batch, warmup + iters, workdir, [timer])
-    times = timer.step_times()[warmup:]
+    fit(cfg, module, batch, steps, workdir, callbacks)
+    times = timer.step_times()[warmup : warmup + iters]
     result.ips = len(batch["class_id"]) / statistics.median(times)
     result.peak = peak_gib()
     result.extra["ms_per_step_mean"] = 1e3 * statistics.fmean(times)
+    if profile:
+        add_profile(result, functools.partial(profile.summary, Env.args.profile))
     del module
     batch_size = len(batch["class_id"])
     result.flops_per_image = count_step_flops(row, workdir) if compiled else counter.get_total_flops() / batch_size
@@ -624,6 +763,9 @@ def run_ours_sample(row: Row, result: Result, workdir: Path) -> None:
             result.extra["bf16_img_per_s"] = batch / statistics.median(times)
         else:
             result.ips, result.peak = batch / statistics.median(times), peak_gib()
+            if Env.args.profile:  # the row's figure: fp32; one token per step in RAR
+                steps = settings["num_steps"] if kind == "maskgit" else ours.image_seq_len
+                add_profile(result, functools.partial(profile_call, sample, steps))
     result.dtype = "fp32/TF32 (bf16 in notes)"
 
 
@@ -654,6 +796,8 @@ def run_ours_reconstruct(row: Row, result: Result, workdir: Path) -> None:
     reset_peak()
     times = time_calls(run, Env.args.warmup, Env.args.iters)
     result.ips, result.peak, result.dtype = batch / statistics.median(times), peak_gib(), "bf16 autocast"
+    if Env.args.profile:
+        add_profile(result, functools.partial(profile_call, run))
 
 
 # ------------------------------------------------------------------------------------ the teacher option
@@ -925,6 +1069,36 @@ def print_table(results: list[Result], peak_tflops: float | None) -> None:
     )
 
 
+def print_profiles(results: list[Result]) -> None:
+    profiled = [r for r in results if "profile" in r.extra or "profile_error" in r.extra]
+    if not profiled:
+        return
+    cuda = Env.device.type == "cuda"
+    ranked, launches, busy = (
+        ("device-side events by device self time", "kernels", "device busy")
+        if cuda
+        else ("events by self CPU time", "leaf aten ops", "events' self time")
+    )
+    print(
+        f"\nKernel profile: each row's timed call once more under torch.profiler (training rows: one batch, from its "
+        f"start to the next's), top {Env.args.profile} {ranked}; share: of that call's wall time"
+    )
+    for r in profiled:
+        x = r.extra
+        if "profile_error" in x:
+            print(f"## {r.row.name}: no profile ({x['profile_error']})")
+            continue
+        per_step = f" ({x['launches_per_step']:.1f} per decoding step)" if "launches_per_step" in x else ""
+        timed = 1e3 * row_batch(r.row) / r.ips  # the profiled call is longer by the profiler's cost per event
+        print(
+            f"## {r.row.name}: {x['profiled_ms']:.1f} ms profiled ({timed:.1f} timed), {x['launches']} {launches}"
+            f"{per_step}, {busy} {x['busy']:.0%}"
+        )
+        print(f"   {'self ms':>9}{'share':>8}{'count':>7}  name")
+        for entry in x["profile"]:
+            print(f"   {entry['self_ms']:>9.2f}{entry['share']:>8.1%}{entry['count']:>7}  {entry['name']}")
+
+
 def write_report(args, device: str, why_not: str, results: list[Result], teacher: dict, runs: dict) -> None:
     if not args.out:
         return
@@ -970,6 +1144,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--sample-warmup", type=int, default=1)
     parser.add_argument("--sample-iters", type=int, default=2)
+    parser.add_argument(
+        "--profile",
+        type=int,
+        nargs="?",
+        const=15,
+        default=0,
+        metavar="N",
+        help="after each row's timing, profile one more call: its top N kernels (default 15) and kernel launches",
+    )
     parser.add_argument("--teacher-weights", type=Path, default=None, help="official MaskGIT-VQGAN weights file")
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: from the device name)")
     parser.add_argument("--train-runs", nargs="*", default=list(TRAIN_RUNS), help="train.py experiments ([]: none)")
@@ -979,6 +1162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=None, help="synthetic shards and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON")
     args = parser.parse_args(argv)
+    if args.profile < 0:
+        parser.error(f"--profile takes a positive number of kernels, got {args.profile}")
     args.micro = args.dry_run
     if args.dry_run:
         args.device, args.tiny = "cpu", True
@@ -1033,6 +1218,7 @@ def main(argv=None) -> int:
             write_report(args, name, why_not, results, {}, {})  # what is measured so far survives a killed run
         if results:
             print_table(results, peak)
+            print_profiles(results)
         teacher = {}
         if not args.rows or any(s in TEACHER_ROW for s in args.rows):
             teacher = teacher_option(args)

@@ -10,8 +10,9 @@
 #        bash scripts/gpu_bench.sh run rows     # every row of issue 12's table, both implementations, one process
 #        bash scripts/gpu_bench.sh run train    # train.py titok_b64, titok_b64_stage2, rar_b, maskgit_titok_l32
 #    Output: $OUT/bench_<part>.log and $OUT/bench_<part>.json ($OUT unset: .device/bench_out).
-#    Extra arguments go to scripts/benchmark.py (e.g. --rows RAR-B --iters 10). Estimated on one H100/H200:
-#    rows 6-8 minutes (the reference ~2, our compiled steps ~1 each for the TiTok rows), train ~5; if a call
+#    Extra arguments go to scripts/benchmark.py (e.g. --rows RAR-B --iters 10). `run rows` also profiles one more
+#    call of each row (--profile: its top kernels and launches). Estimated on one H100/H200: rows 6-8 minutes (the
+#    reference ~2, our compiled steps ~1 each for the TiTok rows, the profiles under 1), train ~5; if a call
 #    must stay shorter, split the rows: `run rows --rows titok` then `run rows --rows RAR MaskGIT TiTok-L32 teacher`.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,14 +44,14 @@ run)
   export PYTHONPATH=$root/.site:$root PYTHONUNBUFFERED=1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/bench_$part.log"
   case "$part" in
-  rows) args=(--reference .ref --no-train-runs) ;;
+  rows) args=(--reference .ref --no-train-runs --profile) ;;
   train) args=(--rows none --train-steps 150 --workdir .device/bench_train) ;;
   *) echo "unknown part $part (rows or train)" >&2; exit 2 ;;
   esac
   python3 scripts/benchmark.py "${args[@]}" --out "$out/bench_$part.json" "$@" 2>&1 | tee -a "$out/bench_$part.log"
   ;;
 *)
-  sed -n '2,15p' "$0"
+  sed -n '2,16p' "$0"
   exit 2
   ;;
 esac

@@ -27,6 +27,7 @@ ROWS = [
 def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "scripts/benchmark.py", "--dry-run", "--train-runs", "rar_b", "--out", str(out)]
+    command += ["--profile", "5"]
     command += ["--reference", str(tmp_path / "no_reference_here")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -45,6 +46,13 @@ def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
         assert not row["agreement"].startswith("FAILED"), row
         if "training" in row["row"] or "full step" in row["row"]:
             assert row["flops_per_image"] > 0, row
+        # --profile 5: one more call of the row under torch.profiler, its top events and launches
+        assert len(row["profile"]) == 5 and row["launches"] > 0, row
+        for entry in row["profile"]:
+            assert entry["self_ms"] > 0 and 0 < entry["share"] <= 1 and entry["count"] >= 1, row
+        assert ("launches_per_step" in row) == ("sampling" in row["row"]), row
+    profiles = result.stdout.split("Kernel profile:")[1]
+    assert sorted(line[3:].split(":")[0] for line in profiles.splitlines() if line.startswith("## ")) == sorted(ROWS)
     # the stored figure of a row measured at the same batch is the JSON's, e.g. stage 1 at batch 32
     stage1 = next(r for r in report["rows"] if r["row"] == "titok_b64 stage1 full step")
     assert stage1["reference_img_per_s"] == stored["titok_b64_stage1_train"]["images_per_s"]
