@@ -7,11 +7,14 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
+from titok_lightning.models import maskgit as maskgit_module
 from titok_lightning.models import rar as rar_module
 from titok_lightning.models.maskgit import ImageBert, MaskGITSampling, UViTBert, guidance_weight, maskgit_generate
 from titok_lightning.models.rar import RAR, KVCache, RARSampling, decode_key_length, randomness_ratio, rar_generate
 from titok_lightning.sampling import (
+    CUDAGraphCall,
     class_condition_ids,
     masking_ratio,
     power_cosine_guidance,
@@ -295,6 +298,74 @@ def test_rar_generate_with_several_key_lengths_equals_the_uncached_sampler(rar, 
     sampling = RARSampling(guidance_scale=3.0, guidance_scale_pow=1.0)
     with_cache = rar_generate(rar, CLASSES, sampling, generator=4)
     assert torch.equal(with_cache, rar_generate(rar, CLASSES, replace(sampling, kv_cache=False), generator=4))
+
+
+class TracedGraphCall(CUDAGraphCall):
+    """CPU stand-in for a CUDA graph, under the contract of :class:`CUDAGraphCall` (its ``__call__`` is the
+    real one): the call's operations are traced once (``make_fx`` on real tensors) and a replay runs exactly
+    those operations again on the input buffers. As in a real graph, every value the capture did not read
+    from the buffers (a number taken from a tensor, a shape, a Python branch) stays what it was at capture;
+    closure tensors (the weights, the KV cache) are the same objects, so in-place writes reach them."""
+
+    replays = 0
+
+    def _first_call(self) -> torch.Tensor:
+        return self.fn(*self.inputs)
+
+    def _capture(self):
+        traced = make_fx(self.fn)(*self.inputs)  # runs fn once more: the first call's cache writes, repeated
+        output = traced(*self.inputs)
+        return _TracedReplay(traced, self.inputs, output), output
+
+
+class _TracedReplay:
+    def __init__(self, traced, inputs, output):
+        self.traced, self.inputs, self.output = traced, inputs, output
+
+    def replay(self) -> None:
+        TracedGraphCall.replays += 1
+        self.output.copy_(self.traced(*self.inputs))
+
+
+@pytest.fixture
+def traced_graphs(monkeypatch):
+    """The samplers on CPU replaying their network calls as from CUDA graphs (TracedGraphCall)."""
+    for module in (rar_module, maskgit_module):
+        monkeypatch.setattr(module, "CUDAGraphCall", TracedGraphCall)
+        monkeypatch.setattr(module, "can_graph", lambda model, device: True)
+    TracedGraphCall.replays = 0
+    return TracedGraphCall
+
+
+def test_the_graph_stand_in_refuses_host_reads_and_keeps_what_the_capture_fixed():
+    """As a CUDA graph: reading a number out of a tensor while capturing fails, a Python value read at
+    capture is replayed unchanged, and only the input buffers vary."""
+    with pytest.raises(RuntimeError, match="value out of a tracing tensor"):
+        TracedGraphCall(lambda x, p: x * int(p))(torch.ones(2), 2)  # the eager first call passes, capture not
+    setting = {"scale": 2.0}
+    call = TracedGraphCall(lambda x, p: x * p * setting["scale"])
+    assert torch.equal(call(torch.ones(2), 1), torch.full((2,), 2.0))  # the first call runs for real
+    setting["scale"] = 5.0
+    assert torch.equal(call(torch.ones(2), 3), torch.full((2,), 6.0))  # new buffer value, the old scale
+
+
+def test_rar_graph_replays_equal_the_uncached_sampler(rar, traced_graphs, monkeypatch):
+    monkeypatch.setattr(rar_module, "DECODE_KEY_BLOCK", 2)  # 4 graphs (key lengths 4, 6, 8, 10)
+    for sampling in (RARSampling(guidance_scale=3.0, guidance_scale_pow=1.0), RARSampling(guidance_scale=0.0)):
+        uncached = rar_generate(rar, CLASSES, replace(sampling, kv_cache=False), generator=4)
+        replays = traced_graphs.replays
+        assert torch.equal(rar_generate(rar, CLASSES, sampling, generator=4), uncached)
+        # 7 cached steps: each key length's first step runs for real, the other 3 replay
+        assert traced_graphs.replays - replays == 3
+
+
+def test_maskgit_graph_replays_equal_eager_sampling(maskgit, traced_graphs):
+    for decay in ("constant", "linear"):  # linear: step 0 runs unguided once, the others from one graph
+        sampling = MaskGITSampling(num_steps=4, guidance_decay=decay)
+        eager = maskgit_generate(maskgit, CLASSES, replace(sampling, cuda_graph=False), generator=3)
+        replays = traced_graphs.replays
+        assert torch.equal(maskgit_generate(maskgit, CLASSES, sampling, generator=3), eager)
+        assert traced_graphs.replays - replays == (3 if decay == "constant" else 2)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

@@ -195,21 +195,35 @@ class CUDAGraphCall:
     def _run_and_capture(self, inputs: tuple[torch.Tensor | int, ...]) -> torch.Tensor:
         device = next(x.device for x in inputs if isinstance(x, torch.Tensor))
         self.inputs = tuple(torch.tensor(x, device=device) if isinstance(x, int) else x.clone() for x in inputs)
-        # Autocast's weight-cast cache would hand the graph tensors freed after capture.
-        autocast = torch.autocast(
+        first = self._first_call()
+        self.graph, self.output = self._capture()
+        return first
+
+    def _autocast(self) -> torch.autocast:
+        """The caller's autocast state, with the weight-cast cache off: that cache would hand the graph
+        tensors that are freed after capture."""
+        return torch.autocast(
             "cuda",
             dtype=torch.get_autocast_dtype("cuda"),
             enabled=torch.is_autocast_enabled("cuda"),
             cache_enabled=False,
         )
-        current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)  # as the capture, off the default stream
+
+    def _first_call(self) -> torch.Tensor:
+        """``fn`` on the input buffers, for real, on a side stream (as the capture, off the default one)."""
+        current = torch.cuda.current_stream(self.inputs[0].device)
+        side = torch.cuda.Stream(self.inputs[0].device)
         side.wait_stream(current)
-        with torch.cuda.stream(side), autocast:
+        with torch.cuda.stream(side), self._autocast():
             first = self.fn(*self.inputs)
         current.wait_stream(side)
         first.record_stream(current)  # made on the side stream, read on this one
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:
-            self.output = self.fn(*self.inputs)
         return first
+
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Record ``fn`` on the input buffers (nothing runs): the graph and its output tensor. Everything a
+        replay must vary has to be read from the buffers; any other value is fixed at capture."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), self._autocast():
+            output = self.fn(*self.inputs)
+        return graph, output
