@@ -24,6 +24,10 @@ metrics is printed.
 With ``--profile [N]`` every row of ours runs its timed call once more under ``torch.profiler`` and prints (and
 writes to the JSON) the top N kernels by device self time, their shares of the call's time and the number of kernel
 launches: where the time goes.
+
+With ``--budget-s S`` (seconds from the start) a row, the teacher or a ``train.py`` run starts only if its estimate
+(``ESTIMATE_S``) still fits, so a device call with a hard limit ends with the figures it could take; what was left
+out is listed at the end and in the JSON (``skipped``).
 """
 
 from __future__ import annotations
@@ -224,6 +228,28 @@ class Env:
     device = torch.device("cpu")
     args: argparse.Namespace
     br = None  # bench_reference module once the reference is imported
+    start = time.perf_counter()
+    skipped: list[str] = []  # parts left out by --budget-s
+
+
+# Seconds each part takes on one H100/H200 (both implementations, our compilation included): estimates until a GPU
+# run replaces them with the "(N s)" every part prints. --budget-s starts a part only if its estimate still fits.
+ESTIMATE_S = {"train": 120.0, "sample": 60.0, "reconstruct": 40.0, "teacher": 30.0, "train_run": 120.0}
+
+
+def seconds_left() -> float:
+    budget = Env.args.budget_s
+    return math.inf if budget is None else budget - (time.perf_counter() - Env.start)
+
+
+def fits(part: str, name: str) -> bool:
+    """Whether ``part`` still fits --budget-s; if not, ``name`` is listed as skipped and said so."""
+    left = seconds_left()
+    if left >= ESTIMATE_S[part]:
+        return True
+    Env.skipped.append(name)
+    print(f"# {name}: skipped, {max(left, 0):.0f} s of --budget-s left (estimate {ESTIMATE_S[part]:.0f} s)", flush=True)
+    return False
 
 
 def sync() -> None:
@@ -1010,6 +1036,8 @@ def train_runs(args) -> dict[str, dict]:
     summarize = _load_script("gpu_check").summarize  # img/s after warm-up, peak memory, losses of a run's CSV
     results = {}
     for experiment in args.train_runs:
+        if not fits("train_run", f"train.py {experiment}"):
+            continue
         run_dir = workdir / "runs" / experiment
         shutil.rmtree(run_dir, ignore_errors=True)
         command = [
@@ -1022,7 +1050,12 @@ def train_runs(args) -> dict[str, dict]:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         try:
             proc = subprocess.run(
-                command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.train_timeout
+                command,
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=min(args.train_timeout, seconds_left()),
             )
             returncode, tail = proc.returncode, proc.stderr[-2000:]
         except subprocess.TimeoutExpired:
@@ -1124,6 +1157,7 @@ def write_report(args, device: str, why_not: str, results: list[Result], teacher
         ],
         "teacher_option": teacher,
         "train_runs": runs,
+        "skipped": Env.skipped,
     }
     args.out.write_text(json.dumps(payload, indent=1, default=str))
 
@@ -1161,6 +1195,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds per train.py run")
     parser.add_argument("--workdir", type=Path, default=None, help="synthetic shards and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="seconds from the start: a row, the teacher or a train.py run starts only if its estimate still fits",
+    )
     args = parser.parse_args(argv)
     if args.profile < 0:
         parser.error(f"--profile takes a positive number of kernels, got {args.profile}")
@@ -1197,6 +1237,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = args.workdir or Path(tmp) / "train_runs"
         for index, row in enumerate(rows):
+            if not fits(row.kind, row.name):
+                continue
             result = Result(row)
             workdir = Path(tmp) / f"row{index}"
             workdir.mkdir()
@@ -1220,7 +1262,7 @@ def main(argv=None) -> int:
             print_table(results, peak)
             print_profiles(results)
         teacher = {}
-        if not args.rows or any(s in TEACHER_ROW for s in args.rows):
+        if (not args.rows or any(s in TEACHER_ROW for s in args.rows)) and fits("teacher", TEACHER_ROW):
             teacher = teacher_option(args)
             print(f"\n{TEACHER_ROW}, batch {teacher['batch']}, weights: {teacher['weights']}")
             for label in ("fp32", "bf16", "bf16_channels_last"):
@@ -1242,6 +1284,8 @@ def main(argv=None) -> int:
     write_report(args, name, why_not, results, teacher, runs)
     failed = [r.row.name for r in results if r.ips is None or r.agreement.startswith("FAILED")]
     failed += [e for e, f in runs.items() if f["returncode"] != 0]
+    if Env.skipped:
+        print(f"# SKIPPED (--budget-s): {', '.join(Env.skipped)}", flush=True)
     if failed:
         print(f"# FAILED: {', '.join(failed)}", flush=True)
     return 1 if failed else 0

@@ -62,3 +62,16 @@ def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
     assert teacher["fp32"]["codes_equal_fp32"] == 1.0
     run = report["train_runs"]["rar_b"]
     assert run["returncode"] == 0 and math.isfinite(run["img_per_s"]) and run["img_per_s"] > 0
+
+
+def test_a_budget_leaves_out_what_no_longer_fits_and_says_so(tmp_path):
+    """--budget-s 0: every part is skipped by name (nothing is half-run), the JSON lists them, rc 0."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "scripts/benchmark.py", "--dry-run", "--budget-s", "0", "--train-runs", "rar_b"]
+    command += ["--out", str(out), "--reference", str(tmp_path / "no_reference_here")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["rows"] == [] and report["train_runs"] == {} and report["teacher_option"] == {}
+    assert report["skipped"] == [*ROWS, "proxy-code teacher", "train.py rar_b"]
+    assert "# SKIPPED (--budget-s): titok_b64 stage1 full step, " in result.stdout

@@ -373,7 +373,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs nee
 
 @CUDA
 @pytest.mark.parametrize("autocast", [False, True])
-def test_rar_cuda_graph_sampling_equals_eager_sampling(rar, autocast):
+def test_rar_cuda_graph_sampling_equals_eager_sampling(rar, autocast, monkeypatch):
+    monkeypatch.setattr(rar_module, "DECODE_KEY_BLOCK", 2)  # 4 graphs
     model = RAR(**TINY, intermediate_size=64).cuda().eval()
     model.load_state_dict(rar.state_dict())
     classes = CLASSES.cuda().repeat(3)
