@@ -942,7 +942,8 @@ def train_run_overrides(experiment: str, data: dict[str, Path], steps: int, run_
         f"trainer.max_steps={steps}",
         f"trainer.val_check_interval={steps}",
         "trainer.limit_val_batches=1",
-        "trainer.log_every_n_steps=1",
+        # each logged train/samples_per_sec covers that many steps; the logging step waits for the device
+        f"trainer.log_every_n_steps={min(10, max(1, steps // 10))}",
         f"hydra.run.dir={run_dir}",
         "callbacks.model_checkpoint.every_n_train_steps=null",
     ]

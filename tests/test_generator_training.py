@@ -439,6 +439,18 @@ def test_frozen_tokenizer_is_not_trained_averaged_or_saved(tmp_path):
     assert not any(k.startswith("tokenizer.") for k in checkpoint["callbacks"]["EMACallback"]["raw_model_state"])
 
 
+@pytest.mark.parametrize("cls, name", [(MaskGITModule, "maskgit_titok_b64"), (RARModule, "rar_b")])
+def test_generator_training_logs_no_python_numbers(cls, name, logged_values):
+    """A logged Python number becomes a blocking host-to-device copy on CUDA (see test_train): every
+    training-time value, the EMA's included, is a tensor."""
+    from callbacks import EMACallback
+
+    fit(make_module(cls, name), class_batches(), steps=3, callbacks=[EMACallback(decay=0.9)])
+    training = [(key, value) for key, value in logged_values if key.startswith("train/")]
+    assert {"train/samples_per_sec", "train/ema_decay", "train/grad_norm/model"} <= {key for key, _ in training}
+    assert all(isinstance(value, torch.Tensor) for _, value in training), training
+
+
 class RatioProbe(L.Callback):
     def __init__(self):
         self.ratios: list[float] = []

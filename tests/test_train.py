@@ -3,6 +3,7 @@ exact resume, DDP agreement, non-finite policy, gradient accumulation, multirun 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -346,6 +347,18 @@ def test_nonfinite_skip_policy_counts_and_keeps_weights(tmp_path, digits_cache):
     assert int(module.skipped_steps) == 2 and trainer.global_step == 2
     for key, value in module.model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_training_steps_log_no_python_numbers(tmp_path, digits_cache, logged_values):
+    """Lightning turns a logged Python number into a device tensor: on CUDA a blocking copy that waits for the
+    device, at every step. Every training-time value is a tensor, and the throughput covers the batches run."""
+    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache)
+    trainer.fit(module, datamodule=data)
+    training = [(name, value) for name, value in logged_values if name.startswith("train/")]
+    assert {"train/samples_per_sec", "train/total_loss", "train/grad_norm/model"} <= {name for name, _ in training}
+    assert all(isinstance(value, torch.Tensor) for _, value in training), training
+    (rate,) = [value for name, value in training if name == "train/samples_per_sec"]  # from the second batch on
+    assert rate.device.type == "cpu" and 0 < float(rate) < math.inf
 
 
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, digits_cache):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class TrainingModule(L.LightningModule):
         self._role_index: dict[str, int] = {}
         self._role_of_optimizer: dict[int, str] = {}
         self._last_losses: dict[str, Any] = {}
-        self._last_step_time: float | None = None
+        self._batch_starts: deque[tuple[float, int]] = deque()  # (host time, batch size) of recent batches
         self._sharded = False
         self._compiled = False
         self.register_load_state_dict_post_hook(_ignore_missing_frozen_keys)
@@ -330,10 +331,13 @@ class TrainingModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------- logging
     def log_losses(self, prefix: str, logs: Mapping[str, Any], batch_size: int, prog_bar: tuple[str, ...] = ()):
-        """Log every loss term as ``<prefix>/<name>`` (detached scalars; Python numbers pass through)."""
+        """Log every loss term as ``<prefix>/<name>`` (detached scalars). A Python number logged in training becomes
+        a CPU tensor: Lightning would copy it to the device, a copy that waits for every queued kernel."""
         for name, value in logs.items():
             if isinstance(value, torch.Tensor):
                 value = value.detach().float().mean()
+            elif prefix == "train":  # (not synchronised across ranks; validation's values are, on the device)
+                value = torch.tensor(float(value), dtype=torch.float64)
             self.log(
                 f"{prefix}/{name}",
                 value,
@@ -345,18 +349,29 @@ class TrainingModule(L.LightningModule):
             )
 
     def log_throughput(self, batch_size: int) -> None:
-        """Samples per second on this device, measured between consecutive training batches, and on CUDA the
-        peak memory allocated so far (the allocator's own counter: no device synchronisation)."""
-        now = time.perf_counter()
-        if self._last_step_time is not None:
-            self.log("train/samples_per_sec", batch_size / (now - self._last_step_time), on_step=True, on_epoch=False)
-        self._last_step_time = now
+        """Training samples per second over the last ``log_every_n_steps`` batches (host clock at each batch start:
+        one batch's interval shows the host running ahead of the asynchronous device, a window of them its pace),
+        and on CUDA the peak memory allocated so far (the allocator's own counter: no device synchronisation).
+
+        Both are host numbers, logged as CPU tensors: Lightning turns a logged Python number into a device tensor,
+        a blocking host-to-device copy that waits for every queued kernel, at every step."""
+        starts = self._batch_starts
+        starts.append((time.perf_counter(), batch_size))
+        while len(starts) > self.trainer.log_every_n_steps + 1:
+            starts.popleft()
+        if len(starts) > 1:
+            samples = sum(size for _, size in list(starts)[:-1])  # the batches that ran in the window
+            rate = samples / (starts[-1][0] - starts[0][0])
+            self.log("train/samples_per_sec", torch.tensor(rate), on_step=True, on_epoch=False)
         if self.device.type == "cuda":
-            peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+            peak_gib = torch.tensor(torch.cuda.max_memory_allocated(self.device) / 2**30)
             self.log("train/peak_memory_gib", peak_gib, on_step=True, on_epoch=False)
 
     def on_train_epoch_start(self) -> None:
-        self._last_step_time = None  # do not count validation or data-loader start-up as training time
+        self._batch_starts.clear()  # do not count data-loader start-up as training time
+
+    def on_validation_end(self) -> None:
+        self._batch_starts.clear()  # nor validation
 
 
 def _no_closure() -> None:
