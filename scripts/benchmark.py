@@ -25,6 +25,11 @@ With ``--profile [N]`` every row of ours runs its timed call once more under ``t
 writes to the JSON) the top N kernels by device self time, their shares of the call's time and the number of kernel
 launches: where the time goes.
 
+With ``--precision-check EXPERIMENT`` three more ``train.py`` runs (``--precision-steps``, 300) show whether
+``--precision-candidate`` (bf16-mixed) trains EXPERIMENT as its own precision does: its loss curve against the
+recipe's precision with seed 0, within the difference between seeds 0 and 1 (issue 12: a recipe keeps the
+reference's precision unless another one is shown to train the same).
+
 With ``--budget-s S`` (seconds from the start) a row, the teacher or a ``train.py`` run starts only if its estimate
 (``ESTIMATE_S``) still fits, so a device call with a hard limit ends with the figures it could take; what was left
 out is listed at the end and in the JSON (``skipped``).
@@ -1031,45 +1036,106 @@ def _load_script(name: str):
     return module
 
 
+def run_train_py(label: str, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """One ``train.py`` process, within --train-timeout and what is left of --budget-s; its figures from the run's
+    metrics (``gpu_check.summarize``: img/s after warm-up, peak memory, the logged losses)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    command = [sys.executable, "train.py", *overrides]
+    print(f"# train.py run ({label}): {' '.join(command[1:])}", flush=True)
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    try:
+        proc = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=min(Env.args.train_timeout, seconds_left()),
+        )
+        returncode, tail = proc.returncode, proc.stderr[-2000:]
+    except subprocess.TimeoutExpired:
+        returncode, tail = "timeout", ""
+    figures = {"returncode": returncode, "wall_s": time.perf_counter() - start}
+    try:
+        figures.update(_load_script("gpu_check").summarize(run_dir))
+    except FileNotFoundError:
+        figures["img_per_s"] = math.nan
+    if returncode != 0:
+        print(tail, flush=True)
+    return figures
+
+
 def train_runs(args) -> dict[str, dict]:
     workdir = Path(args.workdir)
     data = write_train_data(workdir, args.tiny)
-    summarize = _load_script("gpu_check").summarize  # img/s after warm-up, peak memory, losses of a run's CSV
     results = {}
     for experiment in args.train_runs:
-        if not fits("train_run", f"train.py {experiment}"):
-            continue
-        run_dir = workdir / "runs" / experiment
-        shutil.rmtree(run_dir, ignore_errors=True)
-        command = [
-            sys.executable,
-            "train.py",
-            *train_run_overrides(experiment, data, args.train_steps, run_dir, args.tiny),
-        ]
-        print(f"# train.py run: {' '.join(command[1:])}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        try:
-            proc = subprocess.run(
-                command,
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=min(args.train_timeout, seconds_left()),
-            )
-            returncode, tail = proc.returncode, proc.stderr[-2000:]
-        except subprocess.TimeoutExpired:
-            returncode, tail = "timeout", ""
-        figures = {"returncode": returncode, "wall_s": time.perf_counter() - start}
-        try:
-            figures.update(summarize(run_dir))
-        except FileNotFoundError:
-            figures["img_per_s"] = math.nan
-        if returncode != 0:
-            print(tail, flush=True)
-        results[experiment] = figures
+        if fits("train_run", f"train.py {experiment}"):
+            run_dir = workdir / "runs" / experiment
+            overrides = train_run_overrides(experiment, data, args.train_steps, run_dir, args.tiny)
+            results[experiment] = run_train_py(experiment, overrides, run_dir)
     return results
+
+
+PRECISION_WINDOWS = 6  # the loss curves are compared as means over this many equal spans of their logged steps
+
+
+def window_means(values: list[float], windows: int) -> list[float]:
+    bounds = [round(i * len(values) / windows) for i in range(windows + 1)]
+    return [statistics.fmean(values[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def precision_check(args) -> dict[str, Any]:
+    """Does ``--precision-candidate`` train ``--precision-check``'s recipe as the recipe's own precision does?
+
+    Three ``train.py`` runs of --precision-steps on the same synthetic data: the recipe's precision with seeds 0 and
+    1, the candidate with seed 0. Their logged losses are averaged over PRECISION_WINDOWS spans; the candidate trains
+    the same when its largest span difference from the recipe's seed-0 run is no larger than the seed-1 run's (the
+    run-to-run noise of another seed's initial weights and data order)."""
+    experiment, candidate, steps = args.precision_check, args.precision_candidate, args.precision_steps
+    workdir = Path(args.workdir)
+    data = write_train_data(workdir, args.tiny)
+    runs = {
+        "recipe, seed 0": ["seed=0"],
+        "recipe, seed 1": ["seed=1"],
+        f"{candidate}, seed 0": ["seed=0", f"trainer.precision={candidate}"],
+    }
+    out: dict[str, Any] = {"experiment": experiment, "candidate": candidate, "steps": steps, "runs": {}}
+    for label, extra in runs.items():
+        if not fits("train_run", f"precision check: {label}"):
+            return out
+        run_dir = workdir / "precision" / label.replace(", ", "_").replace(" ", "")
+        figures = run_train_py(label, train_run_overrides(experiment, data, steps, run_dir, args.tiny) + extra, run_dir)
+        out["runs"][label] = figures
+        if figures["returncode"] != 0 or not figures.get("losses"):
+            out["error"] = f"{label}: return code {figures['returncode']}, {len(figures.get('losses', []))} losses"
+            return out
+    base, other, cand = (window_means(f["losses"], PRECISION_WINDOWS) for f in out["runs"].values())
+    out["windows"] = {"recipe, seed 0": base, "recipe, seed 1": other, f"{candidate}, seed 0": cand}
+    out["noise"] = max(abs(a - b) for a, b in zip(other, base))
+    out["difference"] = max(abs(a - b) for a, b in zip(cand, base))
+    out["trains_the_same"] = out["difference"] <= out["noise"]
+    return out
+
+
+def print_precision_check(check: dict[str, Any]) -> None:
+    print(
+        f"\nPrecision check: {check['experiment']}, {check['steps']} steps per train.py run, logged loss averaged "
+        f"over {PRECISION_WINDOWS} spans of the run"
+    )
+    if "windows" not in check:
+        print(f"  not complete: {check.get('error', 'skipped (--budget-s)')}")
+        return
+    labels = list(check["windows"])
+    print(f"  {'span':<6}" + "".join(f"{label:>22}" for label in labels))
+    for index, values in enumerate(zip(*check["windows"].values())):
+        print(f"  {index + 1:<6}" + "".join(f"{value:>22.5f}" for value in values))
+    verdict = "trains the same" if check["trains_the_same"] else "does NOT train the same"
+    print(
+        f"  largest span difference from the recipe's seed-0 run: seed 1 (run-to-run noise) {check['noise']:.5f}, "
+        f"{check['candidate']} {check['difference']:.5f}: {check['candidate']} {verdict}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -1133,7 +1199,9 @@ def print_profiles(results: list[Result]) -> None:
             print(f"   {entry['self_ms']:>9.2f}{entry['share']:>8.1%}{entry['count']:>7}  {entry['name']}")
 
 
-def write_report(args, device: str, why_not: str, results: list[Result], teacher: dict, runs: dict) -> None:
+def write_report(
+    args, device: str, why_not: str, results: list[Result], teacher: dict, runs: dict, precision: dict | None = None
+) -> None:
     if not args.out:
         return
     payload = {
@@ -1158,6 +1226,7 @@ def write_report(args, device: str, why_not: str, results: list[Result], teacher
         ],
         "teacher_option": teacher,
         "train_runs": runs,
+        "precision_check": precision or {},
         "skipped": Env.skipped,
     }
     args.out.write_text(json.dumps(payload, indent=1, default=str))
@@ -1194,6 +1263,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-train-runs", action="store_true")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--train-timeout", type=float, default=900.0, help="seconds per train.py run")
+    parser.add_argument(
+        "--precision-check",
+        default=None,
+        metavar="EXPERIMENT",
+        help="train.py runs of EXPERIMENT: its precision with seeds 0 and 1, --precision-candidate with seed 0; "
+        "prints whether the candidate's loss curve stays within the seeds' difference",
+    )
+    parser.add_argument("--precision-candidate", default="bf16-mixed")
+    parser.add_argument("--precision-steps", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=None, help="synthetic shards and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON")
     parser.add_argument(
@@ -1210,6 +1288,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device, args.tiny = "cpu", True
         args.warmup, args.iters, args.sample_warmup, args.sample_iters = 1, 2, 0, 1
         args.train_steps = min(args.train_steps, 3)
+        args.precision_steps = min(args.precision_steps, 6)
     if args.no_train_runs:
         args.train_runs = []
     return args
@@ -1273,6 +1352,7 @@ def main(argv=None) -> int:
                     f"{figures['codes_equal_fp32']:.2%}"
                 )
         runs = train_runs(args) if args.train_runs else {}
+        precision = precision_check(args) if args.precision_check else {}
     if runs:
         print(f"\ntrain.py runs on synthetic shards, {args.train_steps} steps each (steady-state: the last 80% of the "
               "logged train/samples_per_sec, median)")  # fmt: skip
@@ -1282,9 +1362,12 @@ def main(argv=None) -> int:
                 f"{experiment:<22}{figures['returncode']!s:>8}{fmt(figures.get('img_per_s')):>10}"
                 f"{fmt(figures.get('peak_gib'), '.2f'):>10}{figures['wall_s']:>8.0f}"
             )
-    write_report(args, name, why_not, results, teacher, runs)
+    if precision:
+        print_precision_check(precision)
+    write_report(args, name, why_not, results, teacher, runs, precision)
     failed = [r.row.name for r in results if r.ips is None or r.agreement.startswith("FAILED")]
     failed += [e for e, f in runs.items() if f["returncode"] != 0]
+    failed += [f"precision check ({precision['error']})"] if "error" in precision else []
     if Env.skipped:
         print(f"# SKIPPED (--budget-s): {', '.join(Env.skipped)}", flush=True)
     if failed:

@@ -14,6 +14,7 @@
 #    on their own, for a longer lease:
 #        bash scripts/gpu_bench.sh run rows     # every row of issue 12's table, both implementations, one process
 #        bash scripts/gpu_bench.sh run train    # train.py titok_b64, titok_b64_stage2, rar_b, maskgit_titok_l32
+#        bash scripts/gpu_bench.sh run precision  # does bf16-mixed train titok_b64 as its 16-mixed does? (~6 min)
 #    Output: $OUT/bench_<part>.log and $OUT/bench_<part>.json ($OUT unset: .device/bench_out).
 #    Extra arguments go to scripts/benchmark.py (e.g. --rows RAR-B --iters 10). Each part prints its seconds, to
 #    replace the estimates in benchmark.py's ESTIMATE_S (rows ~1-2 min each with our compilation, train runs ~2).
@@ -39,7 +40,7 @@ prepare)
   echo "now run on the GPU machine, carrying .whl .ref .device/bench:  bash scripts/gpu_bench.sh run rows"
   ;;
 run)
-  part=${1:?usage: gpu_bench.sh run all|rows|train [benchmark.py arguments]}
+  part=${1:?usage: gpu_bench.sh run all|rows|train|precision [benchmark.py arguments]}
   shift
   out=${OUT:-$root/.device/bench_out}
   mkdir -p "$out"
@@ -58,12 +59,13 @@ run)
     ;;
   rows) args=(--reference .ref --no-train-runs --profile) ;;
   train) args=(--rows none --train-steps 150 --workdir .device/bench_train) ;;
-  *) echo "unknown part $part (all, rows or train)" >&2; exit 2 ;;
+  precision) args=(--rows none --no-train-runs --precision-check titok_b64 --workdir .device/bench_train) ;;
+  *) echo "unknown part $part (all, rows, train or precision)" >&2; exit 2 ;;
   esac
   python3 scripts/benchmark.py "${args[@]}" --out "$out/bench_$part.json" "$@" 2>&1 | tee -a "$out/bench_$part.log"
   ;;
 *)
-  sed -n '2,22p' "$0"
+  sed -n '2,23p' "$0"
   exit 2
   ;;
 esac

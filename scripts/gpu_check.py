@@ -109,6 +109,7 @@ def summarize(run_dir: Path) -> dict[str, float]:
         "peak_gib": max(memory) if memory else math.nan,
         "first_loss": losses[0] if losses else math.nan,
         "last_loss": losses[-1] if losses else math.nan,
+        "losses": losses,
         "logged_steps": len(speeds),
     }
 

@@ -27,7 +27,7 @@ ROWS = [
 def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
     out = tmp_path / "bench.json"
     command = [sys.executable, "scripts/benchmark.py", "--dry-run", "--train-runs", "rar_b", "--out", str(out)]
-    command += ["--profile", "5"]
+    command += ["--profile", "5", "--precision-check", "rar_b"]
     command += ["--reference", str(tmp_path / "no_reference_here")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -62,6 +62,13 @@ def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
     assert teacher["fp32"]["codes_equal_fp32"] == 1.0
     run = report["train_runs"]["rar_b"]
     assert run["returncode"] == 0 and math.isfinite(run["img_per_s"]) and run["img_per_s"] > 0
+    # --precision-check: the recipe's precision (fp32 at micro size) with seeds 0 and 1, bf16-mixed with seed 0
+    check = report["precision_check"]
+    assert [r["returncode"] for r in check["runs"].values()] == [0, 0, 0]
+    assert all(len(curve) == 6 and all(map(math.isfinite, curve)) for curve in check["windows"].values())
+    assert check["noise"] > 0 and check["difference"] > 0  # another seed, another precision: other losses
+    assert check["trains_the_same"] == (check["difference"] <= check["noise"])
+    assert "Precision check: rar_b, 6 steps" in result.stdout
 
 
 def test_a_budget_leaves_out_what_no_longer_fits_and_says_so(tmp_path):
