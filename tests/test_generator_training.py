@@ -451,6 +451,26 @@ def test_generator_training_logs_no_python_numbers(cls, name, logged_values):
     assert all(isinstance(value, torch.Tensor) for _, value in training), training
 
 
+@pytest.mark.parametrize("cls, name", [(MaskGITModule, "maskgit_titok_b64"), (RARModule, "rar_b")])
+def test_sample_grids_do_not_recompile_the_compiled_blocks(cls, name, tmp_path):
+    """The GPU recipes compile the blocks for the training step; a sample grid's calls (other shapes, no grad, a
+    KV cache) run them eagerly instead of compiling each block again (for RAR 11 more graphs at this size)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    graphs = []
+    for every in (0, 1):  # without grids, then with a grid after every step
+        torch._dynamo.reset()
+        counters.clear()
+        module = make_module(
+            cls, name, compile_modules=["blocks"], compile_backend="aot_eager", sample_grid={"every_n_steps": every}
+        )
+        fit(module, class_batches(), steps=2, default_root_dir=tmp_path / str(every))
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] >= 1 and graphs[1] == graphs[0]
+    assert len(list((tmp_path / "1").rglob("generated_step_*.png"))) >= 2  # the grids were made
+
+
 class RatioProbe(L.Callback):
     def __init__(self):
         self.ratios: list[float] = []

@@ -27,7 +27,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,6 +186,18 @@ class TrainingModule(L.LightningModule):
         for target in targets:
             for module in target if isinstance(target, nn.ModuleList) else [target]:
                 module.compile(**self.compile_options)
+
+    @staticmethod
+    @contextmanager
+    def eager_compiled_modules() -> Iterator[None]:
+        """Inside, compiled submodules run their eager code (``torch.compiler.set_stance("force_eager")``, torch >= 2.6;
+        before it, compiled as outside). For sampling while training: the recipes compile for the training step's
+        shapes, and a sampler's calls (a new shape per step, a KV cache as argument, no grad) would recompile every
+        block, costing minutes on the first grid and running into dynamo's recompile limit; the samplers replay
+        CUDA graphs of their own instead."""
+        set_stance = getattr(torch.compiler, "set_stance", None)
+        with set_stance("force_eager") if set_stance is not None else nullcontext():
+            yield
 
     def _compile_target(self, name: str) -> nn.Module:
         try:

@@ -313,7 +313,7 @@ class GeneratorModule(TrainingModule):
     def _log_sample_grid(self) -> None:
         # every rank samples (costs no wall time: the others would wait for rank 0 anyway, and under FSDP each
         # block's forward needs every rank's shard); rank 0 writes the grid
-        with self._ema_weights(), self.trainer.precision_plugin.forward_context():
+        with self._ema_weights(), self.trainer.precision_plugin.forward_context(), self.eager_compiled_modules():
             grid = self.sample_grid_image()
         log_image_grid(self.trainer, grid, f"generated_step_{self.global_step:07d}", "train/generated")
 
