@@ -797,6 +797,12 @@ def run_ours_sample(row: Row, result: Result, workdir: Path) -> None:
             if Env.args.profile:  # the row's figure: fp32; one token per step in RAR
                 steps = settings["num_steps"] if kind == "maskgit" else ours.image_seq_len
                 add_profile(result, functools.partial(profile_call, sample, steps))
+    # the CUDA-graph lever, measured: one fp32 call with cuda_graph=False (on a CPU the same eager path), same ids?
+    eager: list[torch.Tensor] = []
+    without_graphs = functools.partial(ours.generate, labels, generator=0, cuda_graph=False, **settings)
+    (seconds,) = time_calls(lambda: eager.append(without_graphs()), 0, 1)
+    result.extra["no_cuda_graph_img_per_s"] = batch / seconds
+    result.extra["cuda_graph_same_ids"] = bool(torch.equal(eager[0], ours.generate(labels, generator=0, **settings)))
     result.dtype = "fp32/TF32 (bf16 in notes)"
 
 
@@ -1161,6 +1167,9 @@ def print_table(results: list[Result], peak_tflops: float | None) -> None:
         )
         if "bf16_img_per_s" in r.extra:
             print(f"{'':<34}{'':>6}{'':>11}{r.extra['bf16_img_per_s']:>10.1f}  (ours, bf16 autocast)")
+        if "no_cuda_graph_img_per_s" in r.extra:
+            same = "the same ids" if r.extra["cuda_graph_same_ids"] else "OTHER ids than with graphs"
+            print(f"{'':<34}{'':>6}{'':>11}{r.extra['no_cuda_graph_img_per_s']:>10.1f}  (ours, no CUDA graphs: {same})")
     print(
         "MFU = model FLOPs per image x img/s / peak. FLOPs per image: one eager training step of our module counted "
         "by torch.utils.flop_counter (forward and backward of every network, frozen teacher / tokenizer / perceptual "
@@ -1366,6 +1375,7 @@ def main(argv=None) -> int:
         print_precision_check(precision)
     write_report(args, name, why_not, results, teacher, runs, precision)
     failed = [r.row.name for r in results if r.ips is None or r.agreement.startswith("FAILED")]
+    failed += [f"{r.row.name} (graph != eager ids)" for r in results if r.extra.get("cuda_graph_same_ids") is False]
     failed += [e for e, f in runs.items() if f["returncode"] != 0]
     failed += [f"precision check ({precision['error']})"] if "error" in precision else []
     if Env.skipped:
