@@ -51,6 +51,8 @@ def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
         for entry in row["profile"]:
             assert entry["self_ms"] > 0 and 0 < entry["share"] <= 1 and entry["count"] >= 1, row
         assert ("launches_per_step" in row) == ("sampling" in row["row"]), row
+        if "reconstruction" in row["row"]:  # the channels-last lever (compiled too on CUDA): speed and same output
+            assert row["channels_last_img_per_s"] > 0 and row["channels_last_max_abs_diff"] < 0.05, row
         if "sampling" in row["row"]:  # the CUDA-graph lever: the same call without graphs (eager here), same ids
             assert row["cuda_graph_same_ids"] is True and row["no_cuda_graph_img_per_s"] > 0, row
     profiles = result.stdout.split("Kernel profile:")[1]
