@@ -211,10 +211,11 @@ class CUDAGraphCall:
 
     def _first_call(self) -> torch.Tensor:
         """``fn`` on the input buffers, for real, on a side stream (as the capture, off the default one)."""
-        current = torch.cuda.current_stream(self.inputs[0].device)
-        side = torch.cuda.Stream(self.inputs[0].device)
+        device = self.inputs[0].device
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
         side.wait_stream(current)
-        with torch.cuda.stream(side), self._autocast():
+        with torch.cuda.device(device), torch.cuda.stream(side), self._autocast():
             first = self.fn(*self.inputs)
         current.wait_stream(side)
         first.record_stream(current)  # made on the side stream, read on this one
@@ -224,6 +225,9 @@ class CUDAGraphCall:
         """Record ``fn`` on the input buffers (nothing runs): the graph and its output tensor. Everything a
         replay must vary has to be read from the buffers; any other value is fixed at capture."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), self._autocast():
-            output = self.fn(*self.inputs)
+        # the capture stream is made on the current device: it must be the inputs' (a model on cuda:1 while the
+        # current device is cuda:0 would otherwise run eagerly beside an empty graph)
+        with torch.cuda.device(self.inputs[0].device):
+            with torch.cuda.graph(graph), self._autocast():
+                output = self.fn(*self.inputs)
         return graph, output
