@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -210,24 +211,38 @@ class CUDAGraphCall:
         )
 
     def _first_call(self) -> torch.Tensor:
-        """``fn`` on the input buffers, for real, on a side stream (as the capture, off the default one)."""
+        """``fn`` on the input buffers, for real, on the side stream the capture will use (its library handles and
+        workspaces are then made before the capture)."""
         device = self.inputs[0].device
         current = torch.cuda.current_stream(device)
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.device(device), torch.cuda.stream(side), self._autocast():
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(current)
+        with torch.cuda.device(device), torch.cuda.stream(self.stream), self._autocast():
             first = self.fn(*self.inputs)
-        current.wait_stream(side)
+        current.wait_stream(self.stream)
         first.record_stream(current)  # made on the side stream, read on this one
         return first
 
     def _capture(self) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Record ``fn`` on the input buffers (nothing runs): the graph and its output tensor. Everything a
-        replay must vary has to be read from the buffers; any other value is fixed at capture."""
+        replay must vary has to be read from the buffers; any other value is fixed at capture.
+
+        Captured with ``CUDAGraph.capture_begin/end`` on a side stream of the inputs' device rather than in
+        ``torch.cuda.graph``, which synchronises the device and empties the allocator's cache (on older torch also
+        collects garbage) at every capture: a sampler captures at every call, and a MaskGIT call lasts a few
+        network calls."""
+        device = self.inputs[0].device
+        current = torch.cuda.current_stream(device)
+        self.stream.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        # the capture stream is made on the current device: it must be the inputs' (a model on cuda:1 while the
-        # current device is cuda:0 would otherwise run eagerly beside an empty graph)
-        with torch.cuda.device(self.inputs[0].device):
-            with torch.cuda.graph(graph), self._autocast():
+        with torch.cuda.device(device), torch.cuda.stream(self.stream), self._autocast():
+            graph.capture_begin()
+            try:
                 output = self.fn(*self.inputs)
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # the capture's own error would hide fn's
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        current.wait_stream(self.stream)
         return graph, output
