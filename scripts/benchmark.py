@@ -553,7 +553,7 @@ def compose_experiment(experiment: str, workdir: Path):
     from omegaconf import open_dict
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"experiment={experiment}"])
+        cfg = compose("train", overrides=[f"experiment={experiment}", *Env.args.override])
     with open_dict(cfg):
         cfg.paths.output_dir = str(workdir)
     return cfg
@@ -993,7 +993,7 @@ def train_run_overrides(experiment: str, data: dict[str, Path], steps: int, run_
     common += [f"data.num_workers={0 if tiny else 8}"]
     if tiny:
         common += tiny_train_overrides(experiment)
-    return common
+    return common + Env.args.override
 
 
 def nested_overrides(prefix: str, spec: dict) -> list[str]:
@@ -1236,6 +1236,7 @@ def write_report(
         "device": device,
         "torch": torch.__version__,
         "tiny": args.tiny,
+        "override": args.override,
         "reference": "measured" if Env.br is not None else f"stored ({why_not})",
         "rows": [
             {
@@ -1302,6 +1303,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--precision-steps", type=int, default=300)
     parser.add_argument("--workdir", type=Path, default=None, help="synthetic shards and runs (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=None, help="write every figure as JSON")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Hydra overrides for our side of every training row and train.py run, to measure a lever "
+        "(e.g. model.compile_mode=reduce-overhead trainer.precision=bf16-mixed)",
+    )
     parser.add_argument(
         "--budget-s",
         type=float,

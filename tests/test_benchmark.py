@@ -86,3 +86,17 @@ def test_a_budget_leaves_out_what_no_longer_fits_and_says_so(tmp_path):
     assert report["rows"] == [] and report["train_runs"] == {} and report["teacher_option"] == {}
     assert report["skipped"] == [*ROWS, "proxy-code teacher", "train.py rar_b"]
     assert "# SKIPPED (--budget-s): titok_b64 stage1 full step, " in result.stdout
+
+
+def test_overrides_reach_our_training_rows(tmp_path):
+    """--override: Hydra overrides of our side of a training row (a lever to measure), here its precision."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "scripts/benchmark.py", "--dry-run", "--rows", "RAR-B training", "--no-train-runs"]
+    command += ["--override", "trainer.precision=32-true", "model.max_grad_norm=0.5"]
+    command += ["--out", str(out), "--reference", str(tmp_path / "no_reference_here")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["override"] == ["trainer.precision=32-true", "model.max_grad_norm=0.5"]
+    (row,) = report["rows"]
+    assert row["row"] == "RAR-B training" and row["precision"] == "32-true", row  # the recipe's: bf16-mixed
