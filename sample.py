@@ -55,6 +55,7 @@ from titok_lightning.metrics import (
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
 from titok_lightning.models.rar import RAR
+from titok_lightning.sampling import GraphCache
 from titok_lightning.text_encoder import CLIPTextEncoder
 
 log = logging.getLogger("sample")
@@ -159,6 +160,7 @@ class GenerationModule(L.LightningModule):
         super().__init__()
         self.generator, self.tokenizer, self.text_encoder = generator, tokenizer, text_encoder
         self.folder, self.seed, self.sampling, self.aesthetic_score = folder, seed, dict(sampling), aesthetic_score
+        self.graphs = GraphCache()  # the sampler's CUDA graphs, captured in the first chunk and replayed after
 
     def predict_step(self, item, batch_idx: int) -> None:
         chunk, start, conditions = item
@@ -174,6 +176,7 @@ class GenerationModule(L.LightningModule):
             aesthetic_score=self.aesthetic_score,
             sampling=self.sampling,
             seed=self.seed * CHUNK_SEED_STRIDE + chunk,
+            graphs=self.graphs,
         )
         pixels = images_to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
         for offset, array in enumerate(pixels):

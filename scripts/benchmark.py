@@ -749,6 +749,7 @@ def run_ours_train(row: Row, result: Result, workdir: Path) -> None:
 def run_ours_sample(row: Row, result: Result, workdir: Path) -> None:
     from titok_lightning.models.maskgit import ImageBert
     from titok_lightning.models.rar import RAR
+    from titok_lightning.sampling import GraphCache
 
     config = reference_config(row.family)
     cls, kind = (RAR, "rar") if row.family == "rar_b" else (ImageBert, "maskgit")
@@ -780,13 +781,15 @@ def run_ours_sample(row: Row, result: Result, workdir: Path) -> None:
         )
     else:
         settings = {}  # RAR-B's official evaluation settings are the registry defaults
-    # as sample.py runs it: fp32 with TF32 matmuls (its default); bf16 autocast as a second figure
+    # as sample.py runs it: fp32 with TF32 matmuls (its default), the CUDA graphs kept from one batch to the next
+    # (captured in the warm-up call); bf16 autocast as a second figure
+    graphs = GraphCache()
     for label, dtype in (("", None), ("bf16_", torch.bfloat16)):
         context = torch.autocast(Env.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
         def sample(context=context) -> torch.Tensor:
             with context:
-                return ours.generate(labels, generator=0, **settings)
+                return ours.generate(labels, generator=0, graphs=graphs, **settings)
 
         reset_peak()
         times = time_calls(sample, Env.args.sample_warmup, Env.args.sample_iters)

@@ -15,6 +15,7 @@ from titok_lightning.models.maskgit import ImageBert, MaskGITSampling, UViTBert,
 from titok_lightning.models.rar import RAR, KVCache, RARSampling, decode_key_length, randomness_ratio, rar_generate
 from titok_lightning.sampling import (
     CUDAGraphCall,
+    GraphCache,
     class_condition_ids,
     masking_ratio,
     power_cosine_guidance,
@@ -307,12 +308,13 @@ class TracedGraphCall(CUDAGraphCall):
     from the buffers (a number taken from a tensor, a shape, a Python branch) stays what it was at capture;
     closure tensors (the weights, the KV cache) are the same objects, so in-place writes reach them."""
 
-    replays = 0
+    replays = captures = 0
 
     def _first_call(self) -> torch.Tensor:
         return self.fn(*self.inputs)
 
     def _capture(self):
+        TracedGraphCall.captures += 1
         traced = make_fx(self.fn)(*self.inputs)  # runs fn once more: the first call's cache writes, repeated
         output = traced(*self.inputs)
         return _TracedReplay(traced, self.inputs, output), output
@@ -333,7 +335,7 @@ def traced_graphs(monkeypatch):
     for module in (rar_module, maskgit_module):
         monkeypatch.setattr(module, "CUDAGraphCall", TracedGraphCall)
         monkeypatch.setattr(module, "can_graph", lambda model, device: True)
-    TracedGraphCall.replays = 0
+    TracedGraphCall.replays = TracedGraphCall.captures = 0
     return TracedGraphCall
 
 
@@ -368,6 +370,45 @@ def test_maskgit_graph_replays_equal_eager_sampling(maskgit, traced_graphs):
         assert traced_graphs.replays - replays == (3 if decay == "constant" else 2)
 
 
+def test_rar_graphs_kept_across_calls_only_replay_and_stay_exact(rar, traced_graphs, monkeypatch):
+    """sample.py's batches: with a GraphCache the second call captures nothing, and every call equals the
+    uncached sampler; another number of rows rebuilds the graphs (and the KV cache they write)."""
+    monkeypatch.setattr(rar_module, "DECODE_KEY_BLOCK", 2)
+    graphs, sampling = GraphCache(), RARSampling(guidance_scale=3.0, guidance_scale_pow=1.0)
+    for classes, seed, captures in ((CLASSES, 4, 4), (CLASSES.flip(0), 5, 0), (CLASSES[:2], 6, 4)):
+        before = traced_graphs.captures
+        kept = rar_generate(rar, classes, sampling, generator=seed, graphs=graphs)
+        assert torch.equal(kept, rar_generate(rar, classes, replace(sampling, kv_cache=False), generator=seed))
+        assert traced_graphs.captures - before == captures
+
+
+def test_maskgit_graphs_kept_across_calls_only_replay_and_stay_exact(maskgit, traced_graphs):
+    graphs, sampling = GraphCache(), MaskGITSampling(num_steps=4, guidance_decay="linear")
+    for classes, seed, captures, replays in ((CLASSES, 3, 1, 2), (CLASSES.flip(0), 4, 0, 3)):  # kept: replays all
+        before = (traced_graphs.captures, traced_graphs.replays)
+        kept = maskgit_generate(maskgit, classes, sampling, generator=seed, graphs=graphs)
+        eager = maskgit_generate(maskgit, classes, replace(sampling, cuda_graph=False), generator=seed)
+        assert torch.equal(kept, eager)
+        assert (traced_graphs.captures - before[0], traced_graphs.replays - before[1]) == (captures, replays)
+
+
+def test_graph_cache_keeps_an_entry_until_what_a_capture_fixed_changes():
+    model, cache, built = torch.nn.Linear(2, 2), GraphCache(), []
+
+    def build():
+        built.append(object())
+        return built[-1]
+
+    entry = cache.get("kind", model, (1,), build)
+    with torch.no_grad():
+        model.weight.copy_(torch.ones(2, 2))  # new values in the same storage: a graph reads them
+    assert cache.get("kind", model, (1,), build) is entry and len(built) == 1
+    assert cache.get("kind", model, (2,), build) is not entry  # another key (batch rows)
+    model.weight.data = model.weight.data.clone()  # new storage: a graph would read the old one
+    cache.get("kind", model, (2,), build)
+    assert len(built) == 3
+
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 
 
@@ -394,6 +435,18 @@ def test_maskgit_cuda_graph_sampling_equals_eager_sampling(maskgit):
         graphed = maskgit_generate(model, classes, sampling, generator=3)
         eager = maskgit_generate(model, classes, replace(sampling, cuda_graph=False), generator=3)
         assert torch.equal(graphed, eager)
+
+
+@CUDA
+def test_cuda_graphs_kept_across_calls_equal_eager_sampling(rar, maskgit, monkeypatch):
+    monkeypatch.setattr(rar_module, "DECODE_KEY_BLOCK", 2)
+    for trained in (rar, maskgit):
+        model = type(trained)(**TINY, intermediate_size=64).cuda().eval()
+        model.load_state_dict(trained.state_dict())
+        graphs = GraphCache()
+        for classes, seed in ((CLASSES.cuda().repeat(3), 3), (CLASSES.cuda().flip(0).repeat(3), 4)):
+            kept = model.generate(classes, generator=seed, graphs=graphs)
+            assert torch.equal(kept, model.generate(classes, generator=seed, cuda_graph=False))
 
 
 def test_rar_is_deterministic_and_guidance_scale_one_is_unguided(rar):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -246,3 +246,26 @@ class CUDAGraphCall:
             graph.capture_end()
         current.wait_stream(self.stream)
         return graph, output
+
+
+class GraphCache:
+    """A sampler's CUDA graphs (and the buffers they read and write), kept from one ``generate`` call to the next,
+    e.g. over ``sample.py``'s batches, where capturing at every call would cost a few network calls each time.
+
+    One entry per sampler kind; it is rebuilt whenever something a graph fixed at capture differs: the sampler's
+    own key (batch rows), the autocast state, or the storage of any parameter or buffer of the model (``.to()``,
+    a replaced tensor). Values changed in place (a loaded state dict, swapped-in EMA weights) are read by the
+    replays as they are. Without a cache each call captures its own graphs.
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[tuple, Any]] = {}
+
+    def get(self, kind: str, model: torch.nn.Module, key: tuple, build: Callable[[], T]) -> T:
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        storage = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
+        full_key = (key, autocast, storage)
+        entry = self._entries.get(kind)
+        if entry is None or entry[0] != full_key:
+            entry = self._entries[kind] = (full_key, build())  # the old entry's graphs and buffers are freed
+        return entry[1]

@@ -44,6 +44,7 @@ from titok_lightning.losses import ARLoss, MLMLoss
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
 from titok_lightning.models.rar import RAR
+from titok_lightning.sampling import GraphCache
 from titok_lightning.text_encoder import CLIPTextEncoder, TextFeatures
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def generate_images(
     sampling: Mapping[str, Any] | None = None,
     seed: int | torch.Generator | None = None,
     progress: bool = False,
+    graphs: GraphCache | None = None,
 ) -> torch.Tensor:
     """Generate and decode images with the generator's sampler.
 
@@ -90,6 +92,7 @@ def generate_images(
         aesthetic_score: micro-condition (MaskGen; default the generator's ``sample_aesthetic_score``).
         sampling: sampler settings overriding the generator's defaults (e.g. ``guidance_scale``, ``num_steps``).
         seed: int seed or ``torch.Generator`` on the generator's device (reproducible samples).
+        graphs: the MaskGIT / RAR sampler's CUDA graphs, kept for the next call (sample.py's batches).
     Returns:
         images float [B, 3, H, W] in [0, 1].
     """
@@ -97,7 +100,7 @@ def generate_images(
     if isinstance(generator, (MaskGITGenerator, RAR)):
         if not isinstance(condition, torch.Tensor):
             raise TypeError(f"{type(generator).__name__} is class-conditional: pass class ids [B]")
-        tokens = generator.generate(condition, generator=seed, progress=progress, **sampling)
+        tokens = generator.generate(condition, generator=seed, progress=progress, graphs=graphs, **sampling)
         return tokenizer.decode(tokens)
     if isinstance(generator, (MaskGenVQ, MaskGenKL)):
         if text_encoder is None or isinstance(condition, torch.Tensor):

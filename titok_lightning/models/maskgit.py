@@ -23,6 +23,7 @@ from titok_lightning.models.class_conditional import ClassConditionalGenerator
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
     CUDAGraphCall,
+    GraphCache,
     can_graph,
     masking_ratio,
     power_cosine_guidance,
@@ -119,11 +120,13 @@ class MaskGITGenerator(ClassConditionalGenerator):
         condition: torch.Tensor,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
+        graphs: GraphCache | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
         """Sample image token ids [B, N] in [0, codebook_size) for class ids [B] with ``self.sampling``
-        (fields overridable by keyword, e.g. ``guidance_scale=2.0``)."""
-        return maskgit_generate(self, condition, replace(self.sampling, **overrides), generator, progress)
+        (fields overridable by keyword, e.g. ``guidance_scale=2.0``); ``graphs`` keeps the CUDA graphs for the
+        next call."""
+        return maskgit_generate(self, condition, replace(self.sampling, **overrides), generator, progress, graphs)
 
     # -- reference checkpoints -------------------------------------------------------------------------------
 
@@ -342,6 +345,7 @@ def maskgit_generate(
     sampling: MaskGITSampling | None = None,
     generator: torch.Generator | int | None = None,
     progress: bool = False,
+    graphs: GraphCache | None = None,
 ) -> torch.Tensor:
     """MaskGIT iterative decoding.
 
@@ -357,6 +361,7 @@ def maskgit_generate(
         condition: class ids [B] in [0, num_classes).
         sampling: settings (default ``model.sampling``).
         generator: torch.Generator on the model's device, or an int seed.
+        graphs: keeps the CUDA graphs for later calls with as many samples.
     Returns:
         token ids [B, N] in [0, codebook_size).
     """
@@ -367,19 +372,23 @@ def maskgit_generate(
     cond_ids = model.preprocess_condition(condition)
     guided_cond_ids = torch.cat([cond_ids, model.null_condition(batch, device)])
     ids = torch.full((batch, seq_len), model.mask_token_id, dtype=torch.long, device=device)
-    networks = {  # guided or not -> ids [B, N] -> logits
-        True: lambda x: model.forward_tokens(x.repeat(2, 1), guided_cond_ids),
-        False: lambda x: model.forward_tokens(x, cond_ids),
+    conditions = {True: guided_cond_ids, False: cond_ids}
+    networks = {  # guided or not -> (ids [B, N], condition ids) -> logits
+        True: lambda x, cond: model.forward_tokens(x.repeat(2, 1), cond),
+        False: model.forward_tokens,
     }
     if sampling.cuda_graph and can_graph(model, device):
+        graphed = (graphs or GraphCache()).get("maskgit", model, (batch,), dict)  # guided or not -> CUDAGraphCall
         uses = Counter(guidance_weight(step, sampling) != 0 for step in range(steps))
-        networks = {guided: CUDAGraphCall(fn) if uses[guided] > 1 else fn for guided, fn in networks.items()}
+        for guided, fn in networks.items():
+            if guided in graphed or uses[guided] > 1:
+                networks[guided] = graphed.setdefault(guided, CUDAGraphCall(fn))
     num_masked = seq_len
     for step in progress_bar(range(steps), progress, "MaskGIT"):
         ratio = (step + 1) / steps
         temperature = sampling.randomize_temperature * (1.0 - ratio)
         weight = guidance_weight(step, sampling)
-        logits = networks[weight != 0](ids).float()
+        logits = networks[weight != 0](ids, conditions[weight != 0]).float()
         if weight != 0:
             cond_logits, uncond_logits = logits.chunk(2)
             logits = cond_logits + weight * (cond_logits - uncond_logits)

@@ -24,6 +24,7 @@ from titok_lightning.models.class_conditional import ClassConditionalGenerator
 from titok_lightning.registry import register_model
 from titok_lightning.sampling import (
     CUDAGraphCall,
+    GraphCache,
     can_graph,
     power_cosine_guidance,
     progress_bar,
@@ -116,6 +117,10 @@ class KVCache:
 
     def advance(self, num_positions: int) -> None:
         self.length += num_positions
+
+    def reset(self) -> None:
+        """Empty, keeping the buffers (and so the CUDA graphs that read and write them)."""
+        self.length = 0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,10 +406,12 @@ class RAR(ClassConditionalGenerator):
         condition: torch.Tensor,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
+        graphs: GraphCache | None = None,
         **overrides: Any,
     ) -> torch.Tensor:
-        """Sample image token ids [B, N] for class ids [B] with ``self.sampling`` (fields overridable)."""
-        return rar_generate(self, condition, replace(self.sampling, **overrides), generator, progress)
+        """Sample image token ids [B, N] for class ids [B] with ``self.sampling`` (fields overridable); ``graphs``
+        keeps the CUDA graphs for the next call."""
+        return rar_generate(self, condition, replace(self.sampling, **overrides), generator, progress, graphs)
 
     # -- reference checkpoints -----------------------------------------------------------------------------
 
@@ -456,6 +463,7 @@ def rar_generate(
     sampling: RARSampling | None = None,
     generator: torch.Generator | int | None = None,
     progress: bool = False,
+    graphs: GraphCache | None = None,
 ) -> torch.Tensor:
     """Raster-order autoregressive sampling with classifier-free guidance.
 
@@ -469,6 +477,7 @@ def rar_generate(
     Args:
         condition: class ids [B] in [0, num_classes).
         generator: torch.Generator on the model's device, or an int seed.
+        graphs: keeps the CUDA graphs and the KV cache they use for later calls with as many rows.
     Returns:
         token ids [B, N] in [0, codebook_size).
     """
@@ -482,16 +491,21 @@ def rar_generate(
         cond_ids = torch.cat([cond_ids, model.null_condition(batch, device)])
     rows = cond_ids.shape[0]
     ids = torch.zeros(rows, seq_len, dtype=torch.long, device=device)
-    cache = model.make_kv_cache() if sampling.kv_cache else None
-    graphed = sampling.cuda_graph and can_graph(model, device)
+    graphed = sampling.kv_cache and sampling.cuda_graph and can_graph(model, device)
+    cache, decoders = None, {}  # decoders: key length -> (token ids [rows], condition [rows], position) -> logits
+    if graphed:  # the graphs write into the cache: both kept together
+        state = (graphs or GraphCache()).get("rar", model, (rows,), lambda: (model.make_kv_cache(), {}))
+        cache, decoders = state
+        cache.reset()
+    elif sampling.kv_cache:
+        cache = model.make_kv_cache()
 
-    def decoder(key_length: int) -> Callable[[torch.Tensor, torch.Tensor | int], torch.Tensor]:
-        def decode(token_ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-            return model.decode_step(token_ids, cond_ids, position, cache, key_length)
+    def decoder(key_length: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | int], torch.Tensor]:
+        def decode(token_ids: torch.Tensor, condition: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return model.decode_step(token_ids, condition, position, cache, key_length)
 
         return CUDAGraphCall(decode) if graphed else decode
 
-    decoders = {}  # key length -> (token ids [rows], position) -> logits
     with sdpa_kernel(DECODING_SDPA_BACKENDS):
         for step in progress_bar(range(seq_len), progress, "RAR"):
             if cache is None or step == 0:
@@ -503,7 +517,7 @@ def rar_generate(
                     decoders[key_length] = decoder(key_length)
                 if not graphed:
                     position = torch.tensor(position, device=device)
-                logits = decoders[key_length](ids[:, step - 1], position)
+                logits = decoders[key_length](ids[:, step - 1], cond_ids, position)
             logits = logits.float()
             if guided:
                 scale = power_cosine_guidance(step / seq_len, sampling.guidance_scale, sampling.guidance_scale_pow)
