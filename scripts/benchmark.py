@@ -14,8 +14,8 @@ first checks in fp32 (TF32 off) that the two implementations give the same outpu
 weights). Without the reference copy the rows print the stored figures of ``reference_h200.json`` (or, for a batch
 it was not measured at, issue 12's table), marked "stored".
 
-The stage-1 teacher is also timed in fp32, bf16 and bf16 + channels-last (``model.teacher_dtype``,
-``model.teacher_channels_last``), with the share of its bf16 codes equal to the fp32 ones (``--teacher-weights``).
+The stage-1 teacher is also timed in fp32 and bf16, each also channels-last (``model.teacher_dtype``,
+``model.teacher_channels_last``), with the share of its codes equal to the fp32 ones (``--teacher-weights``).
 
 Then (unless ``--no-train-runs``) ``train.py`` itself runs ``titok_b64``, ``titok_b64_stage2``, ``rar_b`` and
 ``maskgit_titok_l32`` on synthetic shards (as ``scripts/gpu_check.py``) and the steady-state img/s of each run's
@@ -862,8 +862,8 @@ TEACHER_ROW = "proxy-code teacher"
 
 def teacher_option(args) -> dict[str, Any]:
     """The stage-1 teacher (``model.teacher_dtype`` / ``model.teacher_channels_last``): img/s in fp32 (the
-    reference), bf16 and bf16 + channels-last, and the share of positions whose bf16 codes equal the fp32 ones
-    (the option stays off unless >= 99.5% with the official weights; random weights say nothing)."""
+    reference), bf16, and each in channels-last, and the share of positions whose codes equal the fp32 ones (an
+    option stays off unless >= 99.5% with the official weights; random weights say nothing)."""
     from titok_lightning.lit.tokenizer import proxy_codes
 
     spec = teacher_spec()
@@ -885,6 +885,7 @@ def teacher_option(args) -> dict[str, Any]:
     for label, dtype, channels_last in (
         ("fp32", "float32", False),
         ("bf16", "bfloat16", False),
+        ("fp32_channels_last", "float32", True),
         ("bf16_channels_last", "bfloat16", True),
     ):
         if channels_last:
@@ -1385,7 +1386,7 @@ def main(argv=None) -> int:
         if (not args.rows or any(s in TEACHER_ROW for s in args.rows)) and fits("teacher", TEACHER_ROW):
             teacher = teacher_option(args)
             print(f"\n{TEACHER_ROW}, batch {teacher['batch']}, weights: {teacher['weights']}")
-            for label in ("fp32", "bf16", "bf16_channels_last"):
+            for label in ("fp32", "bf16", "fp32_channels_last", "bf16_channels_last"):
                 figures = teacher[label]
                 print(
                     f"  {label:<20}{figures['img_per_s']:>10.1f} img/s   codes equal to fp32: "

@@ -61,7 +61,7 @@ def test_dry_run_prints_every_row_with_finite_figures(tmp_path):
     stage1 = next(r for r in report["rows"] if r["row"] == "titok_b64 stage1 full step")
     assert stage1["reference_img_per_s"] == stored["titok_b64_stage1_train"]["images_per_s"]
     teacher = report["teacher_option"]  # the bf16 / channels-last teacher option against fp32 codes
-    for label in ("fp32", "bf16", "bf16_channels_last"):
+    for label in ("fp32", "bf16", "fp32_channels_last", "bf16_channels_last"):
         assert teacher[label]["img_per_s"] > 0 and 0.0 <= teacher[label]["codes_equal_fp32"] <= 1.0
     assert teacher["fp32"]["codes_equal_fp32"] == 1.0
     run = report["train_runs"]["rar_b"]
