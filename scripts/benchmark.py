@@ -1089,6 +1089,11 @@ def run_train_py(label: str, overrides: list[str], run_dir: Path) -> dict[str, A
         figures["img_per_s"] = math.nan
     if returncode != 0:
         print(tail, flush=True)
+    print(  # in the log as it happens: a call killed later keeps it
+        f"# train.py run ({label}): rc {returncode}, {fmt(figures.get('img_per_s'))} img/s, "
+        f"peak {fmt(figures.get('peak_gib'), '.2f')} GiB, {figures['wall_s']:.0f} s",
+        flush=True,
+    )
     return figures
 
 
