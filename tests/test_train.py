@@ -387,6 +387,8 @@ def test_compile_option_keeps_state_dict_keys_and_trains(tmp_path, digits_cache)
 
 def test_gpu_recipes_compile_but_the_cpu_skips_inductor(tmp_path, digits_cache):
     assert compose_train(["experiment=titok_b64"]).model.compile_modules == ["encoder", "decoder"]
+    stage2 = compose_train(["experiment=titok_b64_stage2"]).model.compile_modules
+    assert stage2 == ["encoder", "decoder", "pixel_decoder"]  # names checked against the model: test_fast_dev_run
     module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encoder,decoder]")
     trainer.fit(module, datamodule=data)
     assert trainer.global_step == 2
