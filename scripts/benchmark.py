@@ -31,8 +31,8 @@ recipe's precision with seed 0, within the difference between seeds 0 and 1 (iss
 reference's precision unless another one is shown to train the same).
 
 With ``--budget-s S`` (seconds from the start) a row, the teacher or a ``train.py`` run starts only if its estimate
-(``ESTIMATE_S``) still fits, so a device call with a hard limit ends with the figures it could take; what was left
-out is listed at the end and in the JSON (``skipped``).
+(``ESTIMATE_S``) still fits, so a device call with a hard limit ends with the figures it could take; the rows run
+cheapest first, and what was left out is listed at the end and in the JSON (``skipped``).
 """
 
 from __future__ import annotations
@@ -1362,7 +1362,9 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         args.workdir = args.workdir or Path(tmp) / "train_runs"
-        for index, row in enumerate(rows):
+        # under a budget the cheapest rows go first (the most rows measured); the table keeps the issue's order
+        order = sorted(rows, key=lambda r: ESTIMATE_S[r.kind]) if args.budget_s is not None else rows
+        for index, row in enumerate(order):
             if not fits(row.kind, row.name):
                 continue
             result = Result(row)
@@ -1384,6 +1386,7 @@ def main(argv=None) -> int:
                   f"({result.ref_note}); {result.agreement} ({seconds:.0f}s)", flush=True)  # fmt: skip
             results.append(result)
             write_report(args, name, why_not, results, {}, {})  # what is measured so far survives a killed run
+        results.sort(key=lambda r: rows.index(r.row))
         if results:
             print_table(results, peak)
             print_profiles(results)
