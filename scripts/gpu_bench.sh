@@ -10,7 +10,7 @@
 #        bash scripts/gpu_bench.sh run all      # the CUDA-only tests, then every row, the teacher and train.py runs
 #    `run all` first runs the tests that skip on a CPU (CUDA-graph samplers equal eager ones, load_from_checkpoint
 #    onto cuda; at most 120 s), then scripts/benchmark.py with --profile and --budget-s: whatever no longer fits
-#    BENCH_BUDGET_S (default 540 s from the start of `run all`) is skipped by name, never cut half-way. The parts
+#    BENCH_BUDGET_S (default 540 s from the start of `run all`; rows cheapest first) is skipped by name. The parts
 #    on their own, for a longer lease:
 #        bash scripts/gpu_bench.sh run rows     # every row of issue 12's table, both implementations, one process
 #        bash scripts/gpu_bench.sh run train    # train.py titok_b64, titok_b64_stage2, rar_b, maskgit_titok_l32
