@@ -407,6 +407,9 @@ def test_graph_cache_keeps_an_entry_until_what_a_capture_fixed_changes():
     model.weight.data = model.weight.data.clone()  # new storage: a graph would read the old one
     cache.get("kind", model, (2,), build)
     assert len(built) == 3
+    model.eval()  # dropout on or off is in a graph
+    cache.get("kind", model, (2,), build)
+    assert len(built) == 4
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

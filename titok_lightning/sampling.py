@@ -253,9 +253,9 @@ class GraphCache:
     e.g. over ``sample.py``'s batches, where capturing at every call would cost a few network calls each time.
 
     One entry per sampler kind; it is rebuilt whenever something a graph fixed at capture differs: the sampler's
-    own key (batch rows), the autocast state, or the storage of any parameter or buffer of the model (``.to()``,
-    a replaced tensor). Values changed in place (a loaded state dict, swapped-in EMA weights) are read by the
-    replays as they are. Without a cache each call captures its own graphs.
+    own key (batch rows), the model's training mode, the autocast state, or the storage of any parameter or buffer
+    of the model (``.to()``, a replaced tensor). Values changed in place (a loaded state dict, swapped-in EMA
+    weights) are read by the replays as they are. Without a cache each call captures its own graphs.
     """
 
     def __init__(self):
@@ -264,7 +264,7 @@ class GraphCache:
     def get(self, kind: str, model: torch.nn.Module, key: tuple, build: Callable[[], T]) -> T:
         autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
         storage = tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers()))
-        full_key = (key, autocast, storage)
+        full_key = (key, model.training, autocast, storage)  # training: dropout is in a graph or not
         entry = self._entries.get(kind)
         if entry is None or entry[0] != full_key:
             entry = self._entries[kind] = (full_key, build())  # the old entry's graphs and buffers are freed
