@@ -8,8 +8,9 @@
 #    (../shared/bench/bench_reference.py and reference_h200.json: ../shared does not travel).
 # 2. On the GPU machine, carrying .whl .ref .device/bench, ONE call (device time is short; timeout_s 600):
 #        bash scripts/gpu_bench.sh run all      # the CUDA-only tests, then every row, the teacher and train.py runs
-#    `run all` first runs the tests that skip on a CPU (CUDA-graph samplers equal eager ones, load_from_checkpoint
-#    onto cuda; at most 120 s), then scripts/benchmark.py with --profile and --budget-s: whatever no longer fits
+#    `run all` first runs the tests that skip on a CPU (CUDA-graph samplers equal eager ones, 16-mixed steps with no
+#    host synchronisation, load_from_checkpoint onto cuda; at most 120 s), then scripts/benchmark.py with --profile
+#    and --budget-s: whatever no longer fits
 #    BENCH_BUDGET_S (default 540 s from the start of `run all`; rows cheapest first) is skipped by name. The parts
 #    on their own, for a longer lease:
 #        bash scripts/gpu_bench.sh run rows     # every row of issue 12's table, both implementations, one process
@@ -51,7 +52,7 @@ run)
   all)
     budget=${BENCH_BUDGET_S:-540}
     status=0
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_used_by.py \
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_sampling.py tests/test_used_by.py tests/test_train.py \
       -k "cuda or load_from_checkpoint_without" 2>&1 | tee -a "$out/bench_$part.log" || status=$?
     echo "# CUDA-only tests: exit status $status" | tee -a "$out/bench_$part.log"
     args=(--reference .ref --profile --train-steps 150 --workdir .device/bench_train)
@@ -65,7 +66,7 @@ run)
   python3 scripts/benchmark.py "${args[@]}" --out "$out/bench_$part.json" "$@" 2>&1 | tee -a "$out/bench_$part.log"
   ;;
 *)
-  sed -n '2,23p' "$0"
+  sed -n '2,21p' "$0"
   exit 2
   ;;
 esac

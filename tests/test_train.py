@@ -361,6 +361,41 @@ def test_training_steps_log_no_python_numbers(tmp_path, digits_cache, logged_val
     assert rate.device.type == "cpu" and 0 < float(rate) < math.inf
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host synchronisation is a CUDA matter")
+def test_cuda_16_mixed_steps_never_make_the_host_wait(tmp_path, digits_cache):
+    """After warm-up, a 16-mixed step (fused AdamW under the GradScaler, clipping, EMA, logging between log steps)
+    makes no call that waits for the device: torch's sync debug mode raises at the first one, naming it."""
+    from callbacks import EMACallback
+
+    class SyncErrors(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 3:
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 6:
+                torch.cuda.set_sync_debug_mode("default")
+
+    module, _, data = _demo_module_and_trainer(tmp_path, digits_cache)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        precision="16-mixed",
+        max_steps=8,
+        limit_val_batches=0,
+        log_every_n_steps=1000,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[EMACallback(decay=0.99), SyncErrors()],
+    )
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert trainer.global_step == 8
+
+
 def test_gradient_accumulation_counts_optimizer_steps(tmp_path, digits_cache):
     module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.accumulate_grad_batches=3")
     trainer.fit(module, datamodule=data)
