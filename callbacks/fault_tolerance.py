@@ -10,7 +10,8 @@
   agree at the end of the current batch (with several ranks the next one: the agreement is read a batch late so
   that no step waits for it), write ``last.ckpt``, requeue the SLURM job when the signal is the warning
   (or say in one line that ``scontrol`` is not there), and exit with 128 + the signal's number (0 when requeued);
-- an exception (e.g. ``NonFiniteLossError``) writes ``last.ckpt`` with the last complete step before it propagates:
+- an exception (e.g. ``NonFiniteLossError``) writes ``last.ckpt`` with the last complete step before it propagates
+  (nothing when no step completed in this process):
   the failing batch's in-place buffer updates and random draws are undone, and if an optimizer already stepped
   within it nothing is saved (never a half step). Parameters a forward pass rewrites in place (the clustering
   quantizer's codebook refresh) keep the failing batch's rewrite;
@@ -222,6 +223,10 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if self._batch_started_at is not None and self._optimizer_steps != self._batch_started_at:
             log.error("%s after an optimizer step of this batch: a half step is not saved", type(exception).__name__)
+            return
+        if self._optimizer_steps == 0:
+            # nothing trained in this process (e.g. a data path that does not exist): the newest checkpoint, if any,
+            # holds this state already, and an untrained last.ckpt in a new run folder would be taken for a result
             return
         mid_batch = self._batch_started_at is not None
         if mid_batch:  # back to the state at the start of the failing batch

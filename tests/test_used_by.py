@@ -229,6 +229,8 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 )
 def test_bad_overrides_end_with_one_clear_line(overrides, message, tmp_path):
     assert one_error_line(train_py(*overrides, "trainer.max_steps=1", cwd=tmp_path)).startswith(message)
+    # nothing was trained: no untrained last.ckpt that `ls -d runs/* | tail -1` would hand to sample.py or a resume
+    assert not list(tmp_path.rglob("*.ckpt"))
 
 
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
