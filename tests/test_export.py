@@ -99,6 +99,18 @@ def test_an_argument_the_reference_cannot_express_is_refused():
         reference_layout(model_cls, eager, model.state_dict())
 
 
+@pytest.mark.parametrize("name", ["rar", "imagebert"])
+def test_sampler_settings_given_in_part_export_with_the_others_defaults(name):
+    """A config naming some sampler fields (conf/model/demo_generator.yaml) builds the others' defaults: that model
+    exports, and its config.json holds every reference field, the given ones as given."""
+    model_cls, kwargs, model, _ = fixture_model(name)
+    partial = {**kwargs, "sampling": {"guidance_scale": 2.5}}
+    config, _ = reference_layout(model_cls, partial, model.state_dict())
+    written = config["model"]["generator"]
+    assert written["guidance_scale"] == 2.5
+    assert set(model_cls.reference_sampling_fields) <= written.keys()
+
+
 class TinyTraining(L.LightningModule):
     """A training run's checkpoint layout: ``hyper_parameters.tokenizer`` (registry spec) and ``model.*`` weights."""
 

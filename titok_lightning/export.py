@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,8 @@ def reference_layout(
     except (AttributeError, NotImplementedError):
         raise ValueError(f"{model_cls.__name__} has no reference layout (not exportable yet)") from None
     back = {**defaults, **model_cls.kwargs_from_reference_config(config)}
+    if hasattr(model_cls, "sampler_settings"):  # all sampler fields, a dict of some given or not (the rest default)
+        full["sampling"], back["sampling"] = (asdict(model_cls.sampler_settings(x["sampling"])) for x in (full, back))
     differing = sorted(k for k in full.keys() | back.keys() if canonical(full.get(k)) != canonical(back.get(k)))
     if differing:
         raise ValueError(

@@ -39,7 +39,7 @@ class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
         self.mask_token_id = codebook_size
         self.null_condition_id = codebook_size + 1 + num_classes
         self.vocab_size = codebook_size + num_classes + 2
-        self.sampling = sampling if isinstance(sampling, self.sampling_cls) else self.sampling_cls(**(sampling or {}))
+        self.sampling = self.sampler_settings(sampling)
 
     def preprocess_condition(
         self, class_ids: torch.Tensor, cond_drop_prob: float = 0.0, generator: torch.Generator | None = None
@@ -68,10 +68,20 @@ class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
         )
 
     @classmethod
+    def sampler_settings(cls, sampling: Any) -> Any:
+        """``sampling`` as a ``sampling_cls``: given as one, or as a dict of some of its fields (the others default)."""
+        return sampling if isinstance(sampling, cls.sampling_cls) else cls.sampling_cls(**(sampling or {}))
+
+    @classmethod
+    def reference_sampling(cls, sampling: Any) -> dict[str, Any]:
+        """The sampler settings of ``sampling`` that the reference config holds (``reference_sampling_fields``)."""
+        settings = cls.sampler_settings(sampling)
+        return {name: getattr(settings, name) for name in cls.reference_sampling_fields}
+
+    @classmethod
     def reference_config(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
         """The inverse of :meth:`kwargs_from_reference_config`."""
-        sampling = kwargs["sampling"]
-        sampling = asdict(sampling) if isinstance(sampling, cls.sampling_cls) else dict(sampling or {})
+        sampling = cls.reference_sampling(kwargs["sampling"])
         generator = dict(
             image_seq_len=kwargs["image_seq_len"],
             condition_num_classes=kwargs["num_classes"],
@@ -80,6 +90,6 @@ class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
             num_hidden_layers=kwargs["num_layers"],
             num_attention_heads=kwargs["num_heads"],
             intermediate_size=kwargs["intermediate_size"],
-            **{name: sampling[name] for name in cls.reference_sampling_fields if name in sampling},
+            **sampling,
         )
         return {"model": {"vq_model": {"codebook_size": kwargs["codebook_size"]}, "generator": generator}}
