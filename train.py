@@ -43,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
+from datamodules.shards import SeveralSplitsError  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
     RunFolderInUseError,
     RunLock,
@@ -63,7 +64,14 @@ class MissingSettingError(ValueError):
 
 
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
-USER_ERRORS = (MissingSettingError, HydraException, OmegaConfBaseException, FileNotFoundError, RunFolderInUseError)
+USER_ERRORS = (
+    MissingSettingError,
+    HydraException,
+    OmegaConfBaseException,
+    FileNotFoundError,
+    RunFolderInUseError,
+    SeveralSplitsError,
+)
 # the user's HYDRA_FULL_ERROR, kept by cli() while it asks Hydra to re-raise composition errors
 _user_full_error: str | None = os.environ.get("HYDRA_FULL_ERROR")
 

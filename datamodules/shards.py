@@ -46,15 +46,23 @@ def _is_remote(url: str) -> bool:
     return url.startswith(_REMOTE_PREFIXES)
 
 
+_SPLIT_SHARD = re.compile(r"^(.+)-\d+\.tar$")  # <split>-<number>.tar, as the converter and pretokenize write
+
+
+class SeveralSplitsError(ValueError):
+    """A shard directory holds the shards of several splits: which to read is the user's to say."""
+
+
 def resolve_shards(spec: ShardSpec | None, what: str = "shards") -> list[str]:
     """Expand a shard specification into a list of shard paths/URLs, checking that local ones exist.
 
-    `spec` is a string or a list of strings; each string is a directory (all its `*.tar`, sorted),
+    `spec` is a string or a list of strings; each string is a directory (all its `*.tar`, sorted; refused when
+    they are the shards of several splits, `train-*.tar` and `val-*.tar`),
     a brace pattern (`data/train-{000000..000146}.tar`), a glob pattern, a file, or a remote URL
     (`https://`, `s3://`, `pipe:`; passed through unchecked).
 
     Raises:
-        ValueError: `spec` is None or an empty list.
+        ValueError: `spec` is None or an empty list, or a directory holds several splits.
         FileNotFoundError: a directory without shards, a pattern matching nothing, or a missing file;
             the message names the offending path and the pattern it came from.
     """
@@ -72,6 +80,13 @@ def resolve_shards(spec: ShardSpec | None, what: str = "shards") -> list[str]:
             found = sorted(glob(os.path.join(item, "*.tar")))
             if not found:
                 raise FileNotFoundError(f"{what}: directory {item!r} contains no *.tar shards")
+            splits = sorted({match.group(1) for f in found if (match := _SPLIT_SHARD.match(os.path.basename(f)))})
+            if len(splits) > 1:  # e.g. pretokenize's train-*.tar and val-*.tar in one --out folder
+                example = os.path.join(item, f"{splits[0]}-*.tar")
+                raise SeveralSplitsError(
+                    f"{what}: directory {item!r} holds the shards of several splits ({', '.join(splits)}); "
+                    f"name the one to read, e.g. '{example}'"
+                )
             shards.extend(found)
         else:
             for path in braceexpand.braceexpand(item):

@@ -233,6 +233,21 @@ def test_bad_overrides_end_with_one_clear_line(overrides, message, tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_folder_with_the_shards_of_several_splits_is_refused_by_name(tmp_path):
+    """pretokenize writes <split>-*.tar of every split into one --out folder: as data.train_shards that folder
+    would feed the validation split into training, so it is refused with what to type instead."""
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    for name in ("train-000000.tar", "train-000001.tar", "val-000000.tar"):
+        (folder / name).write_bytes(b"")
+    overrides = ["data=imagenet", f"data.train_shards={folder}", f"data.val_shards={folder}/val-000000.tar"]
+    line = one_error_line(train_py(*overrides, "data.image_size=32", "trainer.max_steps=1", cwd=tmp_path))
+    assert line == (
+        f"train.py: error: ImageDataModule.train_shards: directory '{folder}' holds the shards of several splits "
+        f"(train, val); name the one to read, e.g. '{folder}/train-*.tar'"
+    )
+
+
 def test_hydra_full_error_still_shows_the_traceback(tmp_path):
     result = train_py("model.optimizer.lr=abc", cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
