@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -546,8 +547,19 @@ def run(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> d
         return (reconstruct if cfg.mode == "reconstruct" else generate)(cfg, feature_extractor)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``scancel``, preemption, ``timeout``) ends the run at once with 143. Lightning's predict loop only
+    notes the signal; every image is renamed into place when complete, and the same command resumes."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    exit_on_sigterm()
     run(cfg)
 
 

@@ -218,6 +218,33 @@ def test_sample_rerun_after_the_checkpoint_trained_further_refuses_then_regenera
     sample.run(compose_sample(overrides, tmp_path / "h4"))  # same weights again: resumes (nothing to generate)
 
 
+def test_sample_command_stops_on_sigterm_and_keeps_whole_images(tmp_path):
+    """scancel / preemption / timeout send SIGTERM: sample.py ends at once (Lightning's predict loop would go on),
+    with 143, leaving only complete images (the same command resumes)."""
+    import signal
+    import time
+
+    from tests.test_generator_training import tokenizer_checkpoint
+
+    ckpt = generator_checkpoint(tmp_path / "last.ckpt", tokenizer_checkpoint(tmp_path / "tok.ckpt"), step=1, seed=0)
+    out = tmp_path / "samples"
+    command = [sys.executable, "sample.py", f"ckpt_path={ckpt}", f"output_dir={out}", "num_per_class=300"]
+    command += ["batch_size=10", "metrics.enabled=false", "trainer.accelerator=cpu", "++sampling.num_steps=2"]
+    command += [f"hydra.run.dir={tmp_path / 'h'}"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.rglob("*.png")) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    written = list(out.rglob("*.png"))
+    assert 0 < len(written) < 3000
+    for path in written:
+        Image.open(path).load()  # complete files only
+
+
 # ------------------------------------------------------------------------------------------------ training data
 def jpeg_shards(folder: Path, broken: set[int], count: int = 32) -> list[str]:
     """Two shards of 32x32 JPEGs; the samples in ``broken`` are cut after 40 bytes (a truncated download)."""
