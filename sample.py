@@ -29,6 +29,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
 from titok_lightning.lit.generator import check_sampling, generate_images
-from titok_lightning.loading import checkpoint_global_step, load_pretrained, load_trained, plain
+from titok_lightning.loading import (
+    PretrainedNotAvailableError,
+    checkpoint_global_step,
+    load_pretrained,
+    load_trained,
+    plain,
+)
 from titok_lightning.metrics import (
     FeatureExtractor,
     FeatureStatistics,
@@ -560,7 +567,12 @@ def exit_on_sigterm() -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
     exit_on_sigterm()
-    run(cfg)
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError, PretrainedNotAvailableError) as error:  # one line (HYDRA_FULL_ERROR=1: all)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.exit(f"sample.py: error: {error}")  # SystemExit: Hydra adds no report
 
 
 if __name__ == "__main__":

@@ -162,8 +162,16 @@ def test_sample_command_refuses_zero_images_in_one_line(tmp_path):
     result = run_command(
         [sys.executable, "sample.py", "ckpt_path=/nonexistent.ckpt", "num_per_class=0", f"hydra.run.dir={tmp_path}"]
     )
-    assert result.returncode != 0
-    assert "num_per_class must be a positive integer, got 0" in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("sample.py: error: num_per_class must be a positive integer, got 0")
+    )
+    missing = run_command([sys.executable, "sample.py", "ckpt_path=/nonexistent.ckpt", f"hydra.run.dir={tmp_path}"])
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert missing.stderr.strip().splitlines()[-1].startswith("sample.py: error: ")
+    assert "/nonexistent.ckpt" in missing.stderr.strip().splitlines()[-1]
 
 
 def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int) -> Path:
