@@ -46,7 +46,7 @@ def _is_remote(url: str) -> bool:
     return url.startswith(_REMOTE_PREFIXES)
 
 
-_SPLIT_SHARD = re.compile(r"^(.+)-\d+\.tar$")  # <split>-<number>.tar, as the converter and pretokenize write
+SPLIT_SHARD = re.compile(r"^(.+)-\d+\.tar$")  # <split>-<number>.tar, as the converter and pretokenize write
 
 
 class SeveralSplitsError(ValueError):
@@ -80,7 +80,7 @@ def resolve_shards(spec: ShardSpec | None, what: str = "shards") -> list[str]:
             found = sorted(glob(os.path.join(item, "*.tar")))
             if not found:
                 raise FileNotFoundError(f"{what}: directory {item!r} contains no *.tar shards")
-            splits = sorted({match.group(1) for f in found if (match := _SPLIT_SHARD.match(os.path.basename(f)))})
+            splits = sorted({match.group(1) for f in found if (match := SPLIT_SHARD.match(os.path.basename(f)))})
             if len(splits) > 1:  # e.g. pretokenize's train-*.tar and val-*.tar in one --out folder
                 example = os.path.join(item, f"{splits[0]}-*.tar")
                 raise SeveralSplitsError(

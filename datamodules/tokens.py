@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.convert import write_shards
 from datamodules.shards import (
+    SPLIT_SHARD,
     ResumableLoader,
     SampleDecoder,
     ShardedDataModule,
@@ -109,15 +110,12 @@ def token_record(sample: dict[str, Any], index: int) -> dict[str, Any]:
     return record
 
 
-_PART_SHARD = re.compile(r"^(.+)-\d{6}\.tar$")
-
-
 def check_pretokenized_complete(urls: Sequence[str]) -> None:
     """Refuse shards of a `python -m titok_lightning.pretokenize` run that has not finished (it writes
     `<split>.json` last; until then its folder holds `<split>.progress/`): training would silently see a part."""
     checked = set()
     for url in urls:
-        match = _PART_SHARD.match(os.path.basename(url))
+        match = SPLIT_SHARD.match(os.path.basename(url))
         folder = os.path.dirname(url)
         if match is None or (folder, match.group(1)) in checked or not os.path.exists(url):
             continue
