@@ -494,8 +494,7 @@ def rar_generate(
     graphed = sampling.kv_cache and sampling.cuda_graph and can_graph(model, device)
     cache, decoders = None, {}  # decoders: key length -> (token ids [rows], condition [rows], position) -> logits
     if graphed:  # the graphs write into the cache: both kept together
-        state = (graphs or GraphCache()).get("rar", model, (rows,), lambda: (model.make_kv_cache(), {}))
-        cache, decoders = state
+        cache, decoders = (graphs or GraphCache()).get("rar", model, (rows,), lambda: (model.make_kv_cache(), {}))
         cache.reset()
     elif sampling.kv_cache:
         cache = model.make_kv_cache()
