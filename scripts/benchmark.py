@@ -858,6 +858,13 @@ def run_ours_reconstruct(row: Row, result: Result, workdir: Path) -> None:
 
 # ------------------------------------------------------------------------------------ the teacher option
 TEACHER_ROW = "proxy-code teacher"
+# label -> (model.teacher_dtype, model.teacher_channels_last); channels-last after the others (the teacher converts)
+TEACHER_VARIANTS = {
+    "fp32": ("float32", False),
+    "bf16": ("bfloat16", False),
+    "fp32_channels_last": ("float32", True),
+    "bf16_channels_last": ("bfloat16", True),
+}
 
 
 def teacher_option(args) -> dict[str, Any]:
@@ -882,12 +889,7 @@ def teacher_option(args) -> dict[str, Any]:
     pixels = torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic").clamp(0, 1)
     fp32_codes = proxy_codes(teacher, pixels)
     out: dict[str, Any] = {"weights": weights or "random (agreement not meaningful)", "batch": batch}
-    for label, dtype, channels_last in (
-        ("fp32", "float32", False),
-        ("bf16", "bfloat16", False),
-        ("fp32_channels_last", "float32", True),
-        ("bf16_channels_last", "bfloat16", True),
-    ):
+    for label, (dtype, channels_last) in TEACHER_VARIANTS.items():
         if channels_last:
             teacher.to(memory_format=torch.channels_last)
 
@@ -1394,7 +1396,7 @@ def main(argv=None) -> int:
         if (not args.rows or any(s in TEACHER_ROW for s in args.rows)) and fits("teacher", TEACHER_ROW):
             teacher = teacher_option(args)
             print(f"\n{TEACHER_ROW}, batch {teacher['batch']}, weights: {teacher['weights']}")
-            for label in ("fp32", "bf16", "fp32_channels_last", "bf16_channels_last"):
+            for label in TEACHER_VARIANTS:
                 figures = teacher[label]
                 print(
                     f"  {label:<20}{figures['img_per_s']:>10.1f} img/s   codes equal to fp32: "
