@@ -7,6 +7,7 @@ dependencies, the demo from another working directory."""
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -315,7 +316,7 @@ class FirstStageDone(Exception):
 
 def test_demo_runs_from_any_working_directory(tmp_path, monkeypatch, digits_cache):  # noqa: F811
     """`python -m titok_lightning.demo` started outside the checkout: its first stage (train.py, at tiny size)
-    runs and writes under the working directory's outputs/."""
+    runs and writes under the working directory's outputs/; the remaining stages with a failing check exit 1."""
     from titok_lightning import demo
 
     monkeypatch.chdir(tmp_path)
@@ -332,4 +333,16 @@ def test_demo_runs_from_any_working_directory(tmp_path, monkeypatch, digits_cach
         demo.main([])
     assert results[0].returncode == 0, results[0].stderr[-3000:]
     (root,) = (tmp_path / "outputs" / "demo_pipeline").iterdir()
-    assert (root / "tokenizer" / "checkpoints" / "last.ckpt").is_file()
+    tokenizer = root / "tokenizer" / "checkpoints" / "last.ckpt"
+    assert tokenizer.is_file()
+
+    # the rest as typed, with that one-step tokenizer and a one-step generator: its samples are noise to the digit
+    # classifier, so the check prints FAIL and the demo exits 1 (scripts and CI must not read a failed demo as done)
+    rest = [sys.executable, "-m", "titok_lightning.demo", "--root", str(tmp_path / "rest"), "--tokenizer"]
+    rest += [str(tokenizer), "--num-per-class", "2", *ONE_STEP]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TITOK_LIGHTNING_CACHE": digits_cache}
+    result = subprocess.run(rest, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "(FAIL: the bar is 70%)" in result.stdout
+    metrics = json.loads((tmp_path / "rest" / "demo_metrics.json").read_text())
+    assert metrics["passed"] is False and metrics["num_samples"] == 20

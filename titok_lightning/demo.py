@@ -16,6 +16,8 @@ a user would type (printed before it runs), all under one folder ``outputs/demo_
 
     python -m titok_lightning.demo                       # everything
     python -m titok_lightning.demo --tokenizer <ckpt>    # reuse a trained demo tokenizer (skips stage 1)
+
+The exit code is 0 when the check passes and 1 when it prints FAIL, so scripts and CI can rely on it.
 """
 
 from __future__ import annotations
@@ -207,4 +209,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if main()["passed"] else 1)
