@@ -39,7 +39,6 @@ import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.errors import HydraException, InstantiationException  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
-from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
@@ -187,12 +186,22 @@ def _first_process_of_run() -> bool:
     return all(int(os.environ.get(name) or 0) == 0 for name in names)
 
 
-@rank_zero_only
-def save_config(cfg: DictConfig) -> None:
-    """Resolved config next to the checkpoints (Hydra also keeps the composed one in .hydra/)."""
-    folder = Path(cfg.paths.checkpoint_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(job_config(cfg), folder / "config.yaml", resolve=True)
+class SaveConfig(L.Callback):
+    """Writes the resolved config next to the checkpoints (Hydra also keeps the composed one in .hydra/).
+
+    At fit start, not before the trainer: ModelCheckpoint's setup warns that its folder "exists and is not empty",
+    which on a fresh run would only ever be this file.
+    """
+
+    def __init__(self, resolved_config: dict, checkpoint_dir: str):
+        # resolved here: Hydra's ${hydra:...} resolvers do not exist in processes started by ddp_spawn
+        self.resolved_config = resolved_config
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.create(self.resolved_config), self.checkpoint_dir / "config.yaml")
 
 
 def mean_image_baseline(datamodule: L.LightningDataModule) -> float | None:
@@ -246,8 +255,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     hyperparameters = OmegaConf.to_container(job_config(cfg), resolve=True)
     for logger in loggers:
         logger.log_hyperparams(hyperparameters)
+    callbacks.append(SaveConfig(hyperparameters, cfg.paths.checkpoint_dir))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    save_config(cfg)
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):

@@ -132,7 +132,7 @@ def test_tatitok_reads_captions_or_class_prompts(tmp_path, digits_cache):
 
 
 # --------------------------------------------------------------------------------------- stage 1 -> stage 2
-def test_stage1_checkpoint_initialises_stage2(tmp_path, digits_cache):
+def test_stage1_checkpoint_initialises_stage2(tmp_path, digits_cache, recwarn):
     teacher = build_model({"name": "maskgit_vqgan_f16_256", **TINY_VQGAN, "channel_mult": (1, 1, 1, 1)})
     teacher_file = tmp_path / "tiny_vqgan.pt"
     torch.save(teacher.state_dict(), teacher_file)
@@ -145,6 +145,8 @@ def test_stage1_checkpoint_initialises_stage2(tmp_path, digits_cache):
     assert state["global_step"] == 2
     assert not any(k.startswith("teacher.") for k in state["state_dict"]), "the teacher is saved twice"
     assert (Path(cfg1.paths.checkpoint_dir) / "config.yaml").is_file()
+    # a fresh run: the config written into checkpoints/ must not trip ModelCheckpoint's "not empty" warning
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
 
     stage1_ema = load_model_state_dict(ckpt)
     restored = load_pretrained(ckpt)
