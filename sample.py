@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
 from titok_lightning.lit.generator import check_sampling, generate_images
 from titok_lightning.loading import (
@@ -564,16 +564,17 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+# Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
+USER_ERRORS = (*CONFIG_ERRORS, ValueError, FileNotFoundError, PretrainedNotAvailableError)
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    restore_user_full_error()
     exit_on_sigterm()
-    try:
+    with errors_in_one_line("sample.py", USER_ERRORS):
         run(cfg)
-    except (ValueError, FileNotFoundError, PretrainedNotAvailableError) as error:  # one line (HYDRA_FULL_ERROR=1: all)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        sys.exit(f"sample.py: error: {error}")  # SystemExit: Hydra adds no report
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, "sample.py")

@@ -19,12 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
-import sys
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 # Spinning OpenMP threads slow CPU training ~25x as soon as another process competes for the cores (measured on
 # the 2-core demo machine); sleeping waiters cost little. Must be set before torch starts its thread pool.
@@ -37,12 +33,11 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.errors import HydraException, InstantiationException  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
-from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from datamodules.shards import SeveralSplitsError  # noqa: E402
+from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
     RunFolderInUseError,
     RunLock,
@@ -63,16 +58,7 @@ class MissingSettingError(ValueError):
 
 
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
-USER_ERRORS = (
-    MissingSettingError,
-    HydraException,
-    OmegaConfBaseException,
-    FileNotFoundError,
-    RunFolderInUseError,
-    SeveralSplitsError,
-)
-# the user's HYDRA_FULL_ERROR, kept by cli() while it asks Hydra to re-raise composition errors
-_user_full_error: str | None = os.environ.get("HYDRA_FULL_ERROR")
+USER_ERRORS = (*CONFIG_ERRORS, MissingSettingError, FileNotFoundError, RunFolderInUseError, SeveralSplitsError)
 
 
 def job_config(cfg: DictConfig) -> DictConfig:
@@ -97,36 +83,6 @@ def check_mandatory(cfg: DictConfig) -> None:
         given = [shlex.quote(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
         command = " ".join(["python train.py", *given, *map(example_setting, missing)])
         raise MissingSettingError(f"mandatory settings are not set: {', '.join(missing)}; e.g. {command}")
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one line: Hydra's multi-line reports folded (option lists joined), instantiation errors by cause."""
-    if isinstance(error, InstantiationException) and error.__cause__ is not None:
-        where = re.search(r"full_key: (\S+)", str(error))
-        return (f"{where.group(1)}: " if where else "") + one_line(error.__cause__)
-    parts: list[str] = []
-    for line in str(error).split("\n"):
-        if line.startswith("Config search path:"):
-            break
-        if line.startswith("\t") and parts:  # Hydra lists options one per tab-indented line
-            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
-        elif line.strip():
-            parts.append(line.strip())
-    text = ""
-    for part in parts:  # sentences follow with a space, other lines with "; "
-        text += (" " if text.endswith((".", ":")) else "; ") + part if text else part
-    return text
-
-
-@contextmanager
-def user_errors_in_one_line() -> Iterator[None]:
-    """``USER_ERRORS`` end the program with one line on stderr, unless HYDRA_FULL_ERROR=1."""
-    try:
-        yield
-    except USER_ERRORS as error:
-        if _user_full_error == "1":
-            raise
-        sys.exit(f"train.py: error: {one_line(error)}")  # SystemExit: Hydra adds no report
 
 
 def route_lightning_logs() -> None:
@@ -273,25 +229,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # the composed job runs with the user's setting (DDP ranks and launched jobs inherit the environment)
-    if _user_full_error is None:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
-    else:
-        os.environ["HYDRA_FULL_ERROR"] = _user_full_error
+    restore_user_full_error()
     route_lightning_logs()
-    with user_errors_in_one_line():
+    with errors_in_one_line("train.py", USER_ERRORS):
         metrics = train(cfg)
     # a single number for Hydra sweepers (e.g. Optuna): the held-out reconstruction MSE when available
     value = metrics.get("val/mse", metrics.get("val_mse"))
     return None if value is None else float(value)
 
 
-def cli() -> None:
-    """``main`` with errors in the command line or the config shown as one line; HYDRA_FULL_ERROR=1 shows all."""
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors: Hydra re-raises them instead of its own report
-    with user_errors_in_one_line():
-        main()
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, "train.py")

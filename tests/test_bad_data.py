@@ -158,7 +158,7 @@ def test_sample_numbers_are_checked_up_front(tmp_path, override, message):
         sample.run(compose_sample(["ckpt_path=/nonexistent.ckpt", override], tmp_path))
 
 
-def test_sample_command_refuses_zero_images_in_one_line(tmp_path):
+def test_sample_command_errors_are_one_line(tmp_path):
     result = run_command(
         [sys.executable, "sample.py", "ckpt_path=/nonexistent.ckpt", "num_per_class=0", f"hydra.run.dir={tmp_path}"]
     )
@@ -172,6 +172,11 @@ def test_sample_command_refuses_zero_images_in_one_line(tmp_path):
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
     assert missing.stderr.strip().splitlines()[-1].startswith("sample.py: error: ")
     assert "/nonexistent.ckpt" in missing.stderr.strip().splitlines()[-1]
+    typo = run_command([sys.executable, "sample.py", "ckpt_pth=/x.ckpt", f"hydra.run.dir={tmp_path}"])
+    assert typo.returncode == 1 and typo.stderr.strip().splitlines() == [
+        "sample.py: error: Could not override 'ckpt_pth'. To append to your config use +ckpt_pth=/x.ckpt "
+        "(did you mean ckpt_path?)"
+    ]
 
 
 def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int) -> Path:

@@ -19,6 +19,7 @@ FLOORS: list[tuple[str, ...]] = [
     (
         "titok_lightning",  # the package's __init__: the registry's names
         "titok_lightning.registry",
+        "titok_lightning.cli",
         "titok_lightning.convert",
         "titok_lightning.tensors",
         "titok_lightning.schedules",

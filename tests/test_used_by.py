@@ -216,6 +216,11 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     [
         (["model.optimizer.lr=abc"], "train.py: error: model: optimizer.lr must be a number, got 'abc'"),
         (["experiment=nope"], "train.py: error: In 'train': Could not find 'experiment/nope'; Available options in"),
+        (  # a mistyped key: Hydra's advice to append it with + would only fail later, in Trainer(...)
+            ["trainer.max_step=1"],
+            "train.py: error: Could not override 'trainer.max_step'. To append to your config use "
+            "+trainer.max_step=1 (did you mean trainer.max_steps or trainer.max_epochs?)",
+        ),
         (
             [
                 "data=imagenet",
