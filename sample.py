@@ -22,7 +22,6 @@ codebook usage / entropy (VQ), all ranks combined.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -51,6 +50,7 @@ from titok_lightning.loading import (
     load_pretrained,
     load_trained,
     plain,
+    weights_fingerprint,
 )
 from titok_lightning.metrics import (
     FeatureExtractor,
@@ -200,17 +200,6 @@ def read_images(folder: Path, count: int) -> np.ndarray:
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {count} images are missing in {folder} (e.g. {missing[:5]})")
     return np.stack([np.asarray(Image.open(image_path(folder, i)).convert("RGB")) for i in range(count)])
-
-
-def weights_fingerprint(*modules: nn.Module) -> str:
-    """Hash of every parameter and buffer of ``modules`` (names, dtypes, shapes, bytes): equal iff the weights are."""
-    digest = hashlib.blake2b(digest_size=16)
-    for module in modules:
-        for name, tensor in module.state_dict().items():
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy: the buffer itself
-    return digest.hexdigest()
 
 
 def check_output_identity(output_dir: Path, identity: dict[str, Any], overwrite: bool = False) -> None:

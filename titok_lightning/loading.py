@@ -24,6 +24,7 @@ the files and the ``hf download`` command.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -526,3 +527,14 @@ def load_spec(spec: Mapping[str, Any], what: str = "model", use_ema: bool = True
     source = os.fspath(source)
     variant = None if source in list_models() else name
     return load_pretrained(source, variant=variant, use_ema=use_ema, **lists_to_tuples(spec))
+
+
+def weights_fingerprint(*modules: nn.Module) -> str:
+    """Hash of every parameter and buffer of ``modules`` (names, dtypes, shapes, bytes): equal iff the weights are."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())  # no copy: the buffer itself
+    return digest.hexdigest()
