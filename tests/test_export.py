@@ -147,3 +147,33 @@ def test_export_command_on_a_checkpoint_trained_here(tmp_path, capsys):
     assert exit_info.value.code == 1
     error = capsys.readouterr().err
     assert error.startswith("export: error:") and error.count("\n") == 1
+
+
+class TinyGeneratorTraining(L.LightningModule):
+    """A generator run's layout: ``hyper_parameters.generator`` (the trained model's spec) beside
+    ``hyper_parameters.tokenizer`` (the frozen tokenizer), which may itself be a mapping."""
+
+    def __init__(self, generator: dict, tokenizer: dict | str):
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_model(generator)
+
+
+@pytest.mark.parametrize(
+    "tokenizer",
+    [{"checkpoint": "/runs/tok/checkpoints/last.ckpt"}, {"name": "titok_b64", "pretrained": None}, "titok_b64"],
+)
+def test_a_generator_checkpoint_exports_its_generator_whatever_form_its_tokenizer_took(tmp_path, tokenizer):
+    _, kwargs, model, fixture = fixture_model("rar")
+    spec = {"name": "rar_b", **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
+    module = TinyGeneratorTraining(spec, tokenizer)
+    module.model.load_state_dict(model.state_dict())
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu", max_steps=0)
+    trainer.strategy.connect(module)
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    torch.testing.assert_close(outputs(load_pretrained(ckpt), fixture), outputs(model, fixture), rtol=0, atol=0)
+    out = tmp_path / "export"
+    export_main([str(ckpt), str(out)])
+    torch.testing.assert_close(outputs(load_pretrained(out), fixture), outputs(model, fixture), rtol=0, atol=0)

@@ -55,7 +55,8 @@ MODE_FLAGS = ("finetune_decoder", "clustering_vq", "commitment_cost")
 # Where this project's checkpoints keep things: the trained network's weights under ``model.``, the registry spec
 # it was built from under ``hyper_parameters[<role>]``, the EMA callback's training weights under its state key.
 MODEL_PREFIX = "model."
-SPEC_ROLES = ("tokenizer", "generator")
+# a generator's checkpoint also holds the frozen tokenizer's spec under "tokenizer": the generator comes first
+SPEC_ROLES = ("generator", "tokenizer")
 EMA_STATE_KEY = "EMACallback"
 HUB_PROBE_TIMEOUT_S = 3.0
 
