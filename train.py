@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shlex
+import sys
 import warnings
 
 # Spinning OpenMP threads slow CPU training ~25x as soon as another process competes for the cores (measured on
@@ -36,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
 from datamodules.shards import SeveralSplitsError  # noqa: E402
 from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
@@ -119,6 +121,16 @@ def resolve_ckpt_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
         return None
     log.info("resuming from %s", found)
     return str(found)
+
+
+def resume_command(cfg: DictConfig) -> str:
+    """The command that continues this run: its overrides with ``hydra.run.dir=<this run folder>`` (the default
+    folder is new at every start) and without ``ckpt_path`` (which would win over the folder's newer checkpoints).
+    A multirun job is continued alone this way."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir")]
+    script = sys.argv[0] if Path(sys.argv[0]).name == "train.py" else "train.py"
+    return shlex.join(["python", script, *kept, f"hydra.run.dir={Path(cfg.paths.output_dir).resolve()}"])
 
 
 # run folder -> its lock, held until the process ends (a second train() in this process may reuse the folder)
@@ -212,6 +224,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(hyperparameters)
     callbacks.append(SaveConfig(hyperparameters, cfg.paths.checkpoint_dir))
+    if cfg.get("train", True):
+        command = resume_command(cfg)
+        log.info("to resume this run after a stop or a crash: %s", command)
+        for callback in callbacks:
+            if isinstance(callback, ResumableCheckpoint):
+                callback.resume_command = command
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     metrics: dict[str, float] = {}

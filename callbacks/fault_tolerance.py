@@ -59,7 +59,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         signals: names of the signals that save and stop (default SIGTERM, SIGUSR1, SIGUSR2).
         requeue: after SIGUSR1/SIGUSR2 under SLURM, requeue the job with ``scontrol requeue``.
         Others: as ModelCheckpoint.
+
+    ``resume_command`` (set by ``train.py``): the command that continues the run, printed when a signal stops it.
     """
+
+    resume_command: str | None = None
 
     def __init__(self, *args, signals: tuple[str, ...] | list[str] = STOP_SIGNALS, requeue: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
@@ -209,7 +213,11 @@ class ResumableCheckpoint(ModelCheckpoint):
                 message += f"; {note}"
                 code = 0 if requeued else code
             else:
-                message += "; run the same command again to resume"
+                message += (
+                    f"; to resume: {self.resume_command}"
+                    if self.resume_command
+                    else "; rerun in this run folder to resume"
+                )
             _say(message)
         code = int(trainer.strategy.broadcast(code))
         raise TrainingStopped(code)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -282,3 +284,39 @@ def test_loader_continues_mid_epoch_from_its_saved_position(tmp_path, source, nu
         for key in expected:
             value, reference = got[key], expected[key]
             assert torch.equal(value, reference) if isinstance(value, torch.Tensor) else value == reference
+
+
+def test_a_run_started_without_a_run_folder_prints_the_command_that_resumes_it(tmp_path, digits_cache):  # noqa: F811
+    """The README's plain form gets a new time-stamped folder at every start, so "the same command" would begin again
+    at step 0: the stop message prints the command that continues this run, and that command, as printed, does."""
+    plain = [arg for arg in command(tmp_path, digits_cache) if not arg.startswith("hydra.run.dir=")]
+    process = subprocess.Popen(
+        plain,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    step_6 = lambda: list(tmp_path.glob("outputs/*/runs/*/checkpoints/step_00000006.ckpt"))  # noqa: E731
+    wait_for(step_6, process, "step 6")
+    os.killpg(process.pid, signal.SIGTERM)
+    output = finish(process, expected_rc=128 + signal.SIGTERM)
+    (run_dir,) = (path.parents[1] for path in step_6())
+    printed = re.search(r"to resume: (.+)", output).group(1)
+    assert printed.startswith("python train.py ") and printed.endswith(f"hydra.run.dir={run_dir}")
+    stopped_at = checkpoint(run_dir)["global_step"]
+
+    resumed = subprocess.run(
+        [sys.executable, *shlex.split(printed)[1:]],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stderr + resumed.stdout
+    assert 6 <= stopped_at < 35 and checkpoint(run_dir)["global_step"] == 35
+    assert len(list(tmp_path.glob("outputs/*/runs/*"))) == 1
