@@ -23,7 +23,7 @@ import torch
 from datamodules.images import ImageDataModule
 from datamodules.tokens import TokenDataModule
 from tests.test_train import digits_cache, tiny_overrides  # noqa: F401 (digits_cache: a fixture)
-from titok_lightning.lit.resume import AtomicCheckpointIO
+from titok_lightning.lit.resume import AtomicCheckpointIO, RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 # 12 batches per epoch (2 DataLoader workers): kills land mid-epoch and runs cross epoch boundaries; checkpoints every
@@ -320,3 +320,27 @@ def test_a_run_started_without_a_run_folder_prints_the_command_that_resumes_it(t
     assert f"resuming from {run_dir / 'checkpoints' / 'last.ckpt'}" in resumed.stderr + resumed.stdout
     assert 6 <= stopped_at < 35 and checkpoint(run_dir)["global_step"] == 35
     assert len(list(tmp_path.glob("outputs/*/runs/*"))) == 1
+
+
+def test_a_run_killed_alone_can_restart_at_once_while_its_workers_wind_down(tmp_path, digits_cache):  # noqa: F811
+    """The OOM killer (or `kill -9 <pid>`) ends the training process but not its DataLoader workers, which live on
+    for seconds: they must not hold the run folder's lock, or the immediate restart is refused as "in use"."""
+    run_dir = tmp_path / "run"
+    process = start(run_dir, digits_cache)  # data.num_workers=2
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000006.ckpt").exists(), process, "step 6")
+    workers = [int(pid) for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()]
+    assert workers, "the run has DataLoader worker processes"
+    os.kill(process.pid, signal.SIGKILL)  # the training process only
+    process.wait(timeout=60)  # not communicate(): the workers hold its stdout open until they end
+    process.stdout.close()
+    assert any(Path(f"/proc/{pid}").exists() for pid in workers), "a worker outlives the training process"
+    with RunLock(run_dir):  # what the restart takes first: free although the workers still run
+        pass
+    restarted = subprocess.run(command(run_dir, digits_cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    for pid in workers:  # whatever is left of them
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert checkpoint(run_dir)["global_step"] == 35

@@ -117,8 +117,20 @@ class RunLock:
     """An exclusive ``flock`` on ``<folder>/.lock`` for as long as the run lives (context manager).
 
     The kernel drops the lock when the holder exits or is killed, so a killed run never leaves it stale. The file
-    names the holder (host and pid) for the refusal message.
+    names the holder (host and pid) for the refusal message. A forked child (a DataLoader worker) would share the
+    lock and keep it for the seconds it outlives a killed run, so children let go of it at fork.
     """
+
+    _held: set[int] = set()  # descriptors of the locks this process holds
+    _fork_hook_registered = False
+
+    @classmethod
+    def _release_in_child(cls) -> None:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        for fd in cls._held:  # the descriptor stays valid (now /dev/null): the child's file object closes cleanly
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        cls._held.clear()
 
     def __init__(self, folder: str | os.PathLike):
         self.path = Path(folder) / ".lock"
@@ -142,10 +154,15 @@ class RunLock:
         file.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         file.flush()
         self._file = file
+        if not RunLock._fork_hook_registered:
+            os.register_at_fork(after_in_child=RunLock._release_in_child)
+            RunLock._fork_hook_registered = True
+        RunLock._held.add(file.fileno())
         return self
 
     def __exit__(self, *exc_info) -> None:
         if self._file is not None:
+            RunLock._held.discard(self._file.fileno())
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
