@@ -10,24 +10,28 @@ Generation follows the reference's protocol: ``num_per_class`` images of every c
 ImageNet; image ``i`` has class ``i % num_classes``), or of every prompt of ``prompts_file`` for MaskGen. Images are
 written as ``<output_dir>/images/<i:06d>.png`` in chunks of ``batch_size``; chunk ``c`` is drawn from seed
 ``(seed, c)``, so the result depends neither on the number of devices nor on interruptions: a rerun with the same
-settings skips the chunks already written. Then ``<output_dir>/samples.npz`` (``arr_0``: uint8 [N, H, W, 3], the
-sample batch of OpenAI's ADM evaluator) and the metrics: FID / Inception Score (and precision / recall when real
-images are available) from torch-fidelity's InceptionV3 against ``metrics.reference`` (ADM reference batch with
-``mu``/``sigma`` and optionally ``arr_0`` images, or an .npz / folder of real images), saved to ``metrics.json``.
+settings (the class / prompt of every image included) skips the chunks already written. Then
+``<output_dir>/samples.npz`` (``arr_0``: uint8 [N, H, W, 3], the sample batch of OpenAI's ADM evaluator) and the
+metrics: FID / Inception Score (and precision / recall when real images are available) from torch-fidelity's
+InceptionV3 against ``metrics.reference`` (ADM reference batch with ``mu``/``sigma`` and optionally ``arr_0``
+images, or an .npz / folder of real images), saved to ``metrics.json``.
 The evaluator that produced each number is printed; published ImageNet numbers come from the ADM evaluator.
 
 ``mode=reconstruct`` encodes and decodes ``data.val_shards`` with a tokenizer and reports rFID, Inception Score and
-codebook usage / entropy (VQ), all ranks combined.
+codebook usage / entropy (VQ), all ranks combined, printed and saved to ``reconstruction_metrics.json`` in
+``output_dir`` (default: this run's Hydra folder).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 import signal
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -87,12 +91,36 @@ CHUNK_SEED_STRIDE = 1_000_003
 # ----------------------------------------------------------------------------------------------------------
 
 
+def check_generator_checkpoint(path: str) -> None:
+    """A one-line error for a ``.ckpt`` of this project that holds no generator, in particular a tokenizer's (train.py
+    writes both, to paths that look alike); read memory-mapped, without its tensors. Missing files and other formats
+    are left to :func:`load_trained`'s own errors."""
+    if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
+        return
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
+    hparams = hparams if isinstance(hparams, Mapping) else {}
+    if isinstance(hparams.get("generator"), Mapping):
+        return
+    if isinstance(hparams.get("tokenizer"), Mapping):
+        raise ValueError(
+            f"ckpt_path={path} is a tokenizer checkpoint (train.py's tokenizer training), not a generator's: "
+            "generation needs ckpt_path=<generator .ckpt of this project> or generator=<official name>; "
+            f"to evaluate this tokenizer run sample.py mode=reconstruct tokenizer={path} data.val_shards=<shards>"
+        )
+    raise ValueError(
+        f"ckpt_path={path} is not a generator checkpoint of this project (no hyper_parameters.generator): give the "
+        ".ckpt of a generator training run, or generator=<official name / weight file>"
+    )
+
+
 def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer, nn.Module | None, str]:
     """(generator in eval mode, frozen tokenizer, CLIP text encoder or None, a name for the output folder)."""
     if (cfg.ckpt_path is None) == (cfg.generator is None):
         raise ValueError("give exactly one of ckpt_path=<generator .ckpt of this project> or generator=<official name>")
     text_encoder_spec = plain(cfg.text_encoder)
     if cfg.ckpt_path is not None:
+        check_generator_checkpoint(str(cfg.ckpt_path))
         generator, hparams = load_trained(cfg.ckpt_path, "generator", use_ema=cfg.use_ema)
         tokenizer_source = cfg.tokenizer if cfg.tokenizer is not None else hparams.get("tokenizer")
         text_encoder_spec = hparams.get("text_encoder", text_encoder_spec)
@@ -129,6 +157,15 @@ def sample_conditions(cfg: DictConfig, generator: nn.Module) -> list[int] | list
     if not prompts:
         raise ValueError(f"{cfg.prompts_file} holds no prompts")
     return prompts * cfg.num_per_class
+
+
+def conditions_identity(conditions: Sequence[int | str]) -> str:
+    """The conditions of a run for ``sample_config.json``: how many distinct classes / prompts, and a hash of the
+    condition of every image index (class ids, or the prompts' text), so that a rerun with other classes or edited
+    prompts (the same number of images) does not resume into, or report, the old images."""
+    kind = "prompts" if any(isinstance(c, str) for c in conditions) else "classes"
+    digest = hashlib.sha256(json.dumps(list(conditions), ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    return f"{len(dict.fromkeys(conditions))} {kind} for {len(conditions)} images, sha256 {digest}"
 
 
 def image_path(folder: Path, index: int) -> Path:
@@ -217,6 +254,10 @@ def check_output_identity(output_dir: Path, identity: dict[str, Any], overwrite:
                 elif "weights" in changed:
                     steps = previous.get("checkpoint_step"), identity.get("checkpoint_step")
                     detail = f" (the model's weights changed; checkpoint step {steps[0]} -> {steps[1]})"
+                elif "conditions" not in previous:
+                    detail = " (the folder predates condition records)"
+                elif "conditions" in changed:
+                    detail = f" (conditions: {previous['conditions']} -> {identity['conditions']})"
                 raise ValueError(
                     f"{output_dir} holds samples made with other settings or another model: {', '.join(changed)} "
                     f"differ{detail}; pass overwrite=true to regenerate them, or choose another output_dir"
@@ -435,8 +476,26 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
         batch_size=cfg.batch_size,
         num_workers=cfg.data.num_workers,
     )
+    # the evaluator is loaded here (not by the callback) to name it, or why there is none, with the results
+    evaluator, no_inception = None, None
+    if feature_extractor is not None:
+        evaluator = "injected feature extractor (not comparable with published numbers)"
+    elif cfg.metrics.enabled:
+        from titok_lightning.metrics import InceptionWeightsUnavailableError, load_inception_extractor
+
+        try:
+            feature_extractor = load_inception_extractor(
+                cfg.metrics.inception_weights_path, dtype=cfg.metrics.inception_dtype
+            )
+            evaluator = f"torch-fidelity InceptionV3 (TF-FID weights, {cfg.metrics.inception_dtype} internals)"
+        except InceptionWeightsUnavailableError as error:
+            no_inception = str(error)
+    else:
+        no_inception = "metrics.enabled=false"
     metrics = ReconstructionMetricsCallback(
         feature_extractor=feature_extractor,
+        compute_fid=feature_extractor is not None,
+        compute_is=feature_extractor is not None,
         inception_weights_path=cfg.metrics.inception_weights_path,
         inception_dtype=cfg.metrics.inception_dtype,
         is_splits=cfg.metrics.is_splits,
@@ -453,10 +512,28 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
 
         print(f"reconstruction data: {skip_summary(skipped, datamodule.skip_counter.sources)}")
     if trainer.is_global_zero:
-        evaluator = "injected feature extractor" if feature_extractor is not None else "torch-fidelity InceptionV3"
-        print(f"reconstruction of {cfg.data.val_shards} with {cfg.tokenizer} (evaluator: {evaluator})")
+        inception_ran = bool({"rfid", "inception_score"} & set(results))
+        if inception_ran:
+            print(f"reconstruction of {cfg.data.val_shards} with {cfg.tokenizer} (evaluator: {evaluator})")
+        else:
+            no_inception = no_inception or "fewer than 2 validation images"
+            print(f"reconstruction of {cfg.data.val_shards} with {cfg.tokenizer}")
+            print(f"no Inception metrics (rFID, Inception Score): {no_inception}")
         for key, value in results.items():
             print(f"  {key}: {value:.4f}")
+        output_dir = Path(cfg.output_dir if cfg.output_dir is not None else cfg.paths.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        record = {
+            **results,
+            "evaluator": evaluator if inception_ran else None,
+            "no_inception_metrics": None if inception_ran else no_inception,
+            "tokenizer": str(cfg.tokenizer),
+            "val_shards": plain(cfg.data.val_shards),
+            "skipped_images": int(skipped.sum()),
+        }
+        path = output_dir / "reconstruction_metrics.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}")
     return results
 
 
@@ -496,6 +573,8 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
             "sampling": sampling,
             "aesthetic_score": cfg.aesthetic_score,
             "num_images": len(conditions),
+            # which class / prompt each image index has: num_classes, num_per_class, the prompts' text
+            "conditions": conditions_identity(conditions),
             "use_ema": cfg.use_ema,
             # a checkpoint at the same path trained further must not reuse the old images
             "weights": weights_fingerprint(generator, tokenizer),

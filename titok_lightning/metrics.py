@@ -293,7 +293,8 @@ def load_inception_extractor(
     if path is None:
         raise InceptionWeightsUnavailableError(
             f"InceptionV3 (FID) weights not found at {', '.join(str(p) for p in candidates)}. Download "
-            f"{INCEPTION_WEIGHTS_URL} to {candidates[0]} (or pass its path as the inception weights path)."
+            f"{INCEPTION_WEIGHTS_URL} to {candidates[0]}, or pass the file: metrics.inception_weights_path=<file> "
+            "(sample.py), callbacks.reconstruction_metrics.inception_weights_path=<file> (train.py)."
         )
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     # torch-fidelity only loads from a path with weights_only=False: hand it the verified tensors re-serialised.
