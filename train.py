@@ -46,6 +46,7 @@ from titok_lightning.lit.resume import (  # noqa: E402
     find_resume_checkpoint,
     remove_temporary_files,
 )
+from titok_lightning.loading import NotACheckpointError  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -60,7 +61,14 @@ class MissingSettingError(ValueError):
 
 
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
-USER_ERRORS = (*CONFIG_ERRORS, MissingSettingError, FileNotFoundError, RunFolderInUseError, SeveralSplitsError)
+USER_ERRORS = (
+    *CONFIG_ERRORS,
+    MissingSettingError,
+    FileNotFoundError,
+    NotACheckpointError,
+    RunFolderInUseError,
+    SeveralSplitsError,
+)
 
 
 def job_config(cfg: DictConfig) -> DictConfig:

@@ -332,4 +332,8 @@ def main(argv: Sequence[str] | None = None) -> ConversionResult:
 
 
 if __name__ == "__main__":
-    main()
+    from titok_lightning.cli import errors_in_one_line
+
+    # a missing input, shards already there, an empty or malformed list: one line (HYDRA_FULL_ERROR=1: the traceback)
+    with errors_in_one_line("convert", (FileNotFoundError, FileExistsError, ValueError)):
+        main()

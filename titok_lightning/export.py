@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from titok_lightning.cli import one_line
 from titok_lightning.convert import convert_reference_state_dict
 from titok_lightning.loading import (
     CONFIG_FILE,
@@ -35,6 +36,7 @@ from titok_lightning.loading import (
 from titok_lightning.registry import model_kwargs
 
 WEIGHTS_FILE = "model.safetensors"
+ERRORS = (ValueError, KeyError, OSError, RuntimeError)  # a missing file, not a checkpoint of this project, ...
 
 
 def reference_layout(
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out_dir, use_ema=not args.raw_weights)
-    except (ValueError, KeyError, OSError, RuntimeError) as err:
-        parser.exit(1, f"export: error: {err}\n")
+    except ERRORS as err:
+        parser.exit(1, f"export: error: {one_line(err)}\n")
     print(f"wrote {out / CONFIG_FILE} and {out / WEIGHTS_FILE}")
 
 

@@ -29,7 +29,9 @@ import inspect
 import json
 import logging
 import os
+import pickle
 import socket
+import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -278,6 +280,52 @@ class Weights:
         return next((dict(hparams[role]) for role in SPEC_ROLES if isinstance(hparams.get(role), Mapping)), None)
 
 
+class NotACheckpointError(ValueError):
+    """A weights file that ``torch.save`` did not write, or a damaged one; the message names the file and why."""
+
+
+# what ``torch.load(weights_only=True)`` raises for a damaged file that looks like one (text and other files that
+# are neither a zip archive nor a pickle are refused before it reads them: its unpickler may fail on them with
+# anything, IndexError included)
+_NOT_LOADABLE = (pickle.UnpicklingError, EOFError)
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file ``path`` cannot be a file of ``torch.save`` (a zip archive, or a legacy-format pickle), or None."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # pickle protocol >= 2
+        return None
+    if head.startswith(b"PK"):
+        return "a zip archive without its end: cut off while copied or written?"
+    return "neither a zip archive nor a pickle" if head else "the file is empty"
+
+
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not a checkpoint, or a damaged one, raises
+    :class:`NotACheckpointError` naming it instead of torch's error (a page of ``weights_only`` advice that does not
+    apply, or an IndexError)."""
+    path = Path(path).expanduser()
+    why = _not_a_checkpoint(path)
+    if why is not None:
+        raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except _NOT_LOADABLE as error:
+        cause = error.__context__ if isinstance(error.__context__, _NOT_LOADABLE) else error  # the unpickler's
+        why = f"{type(cause).__name__}: {str(cause).split('. ')[0]}" if str(cause) else type(cause).__name__
+        if "Unsupported global" in why:
+            raise NotACheckpointError(
+                f"{path} holds objects that torch.load(weights_only=True) refuses ({why})"
+            ) from error
+        raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})") from error
+    except RuntimeError as error:
+        if not str(error).startswith("PytorchStreamReader"):
+            raise
+        why = str(error).split(". ")[0]
+        raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file or of a pickled state dict loaded with ``weights_only=True`` (a
     ``{"state_dict": ...}`` wrapper is unwrapped)."""
@@ -286,7 +334,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return _tensors(torch.load(path, map_location="cpu", weights_only=True), path)
+    return _tensors(torch_load(path), path)
 
 
 def _tensors(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -327,13 +375,13 @@ def checkpoint_model_state(
 
 def load_model_state_dict(path: str | os.PathLike, use_ema: bool = True) -> dict[str, torch.Tensor]:
     """:func:`checkpoint_model_state` of the Lightning checkpoint file ``path``."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch_load(path)
     return checkpoint_model_state(checkpoint, use_ema, os.fspath(path))
 
 
 def checkpoint_global_step(path: str | os.PathLike) -> int | None:
     """The optimizer step a Lightning checkpoint was written at (memory-mapped: its tensors are not read)."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    return torch_load(path, mmap=True).get("global_step")
 
 
 def _read_config(path: Path | None) -> dict[str, Any] | None:
@@ -375,7 +423,7 @@ def read_weights(source: str | os.PathLike, use_ema: bool = True) -> Weights:
         weights, config_path = _local_files(path)
         if weights.suffix == ".safetensors":
             return Weights(load_state_dict_file(weights), True, str(weights), _read_config(config_path))
-        checkpoint = torch.load(weights, map_location="cpu", weights_only=True)
+        checkpoint = torch_load(weights)
         if is_project_checkpoint(checkpoint, weights):
             state = checkpoint_model_state(checkpoint, use_ema, str(weights))
             hparams = checkpoint.get("hyper_parameters")

@@ -18,7 +18,8 @@ output shard per input shard). Rank r of ``--devices``/``--num-nodes`` (Lightnin
 r + world, ... into ``<out>/<split>-<part>.tar`` (written beside and renamed when complete, then recorded in
 ``<out>/<split>.progress/``); rank 0 then writes ``<out>/<split>.json`` (tokenizer, token layout, sample count,
 shards, skipped inputs), which marks the output complete: ``TokenDataModule`` refuses a folder without it. The same
-command run again after an interruption encodes only the missing parts (with other settings it refuses; pass
+command run again after an interruption encodes only the missing parts (with other settings, or when the tokenizer's
+weights differ from those the run began with, e.g. a ``last.ckpt`` that kept training, it refuses; pass
 ``--overwrite`` to start afresh). Unreadable images are skipped, counted and listed, as by ``datamodules.convert``.
 
 A sample is ``<key>.tokens.npy`` (VQ ids [N] as int16/int32, or VAE posterior parameters [2C, N] as float16: mean
@@ -324,11 +325,7 @@ def _prepare_output(args: argparse.Namespace, settings: dict[str, Any]) -> str:
         previous = previous.get("settings", {}) if complete else previous
         changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
         if changed:
-            return (
-                f"{args.out} holds {'a complete' if complete else 'an unfinished'} pretokenize run of split "
-                f"{args.split!r} with other settings ({', '.join(changed)} differ); pass --overwrite to start afresh"
-                + ("" if complete else " (or rerun it as it was)")
-            )
+            return _refusal(args, previous, settings, changed, complete)
         return "complete" if complete else "go"
     elif outputs and not os.path.isdir(progress):  # a run killed before its settings were written has no parts
         return (
@@ -340,12 +337,37 @@ def _prepare_output(args: argparse.Namespace, settings: dict[str, Any]) -> str:
     return "go"
 
 
+def _refusal(
+    args: argparse.Namespace, previous: dict[str, Any], settings: dict[str, Any], changed: list[str], complete: bool
+) -> str:
+    """Why an output folder holding an earlier run with other ``settings`` is not resumed, and what to do."""
+    run = f"{args.out} holds {'a complete' if complete else 'an unfinished'} pretokenize run of split {args.split!r}"
+    if "weights" not in changed:
+        return f"{run} with other settings ({', '.join(changed)} differ); pass --overwrite to start afresh" + (
+            "" if complete else " (or rerun it as it was)"
+        )
+    others = [key for key in changed if key != "weights"]
+    also = f" and other settings ({', '.join(others)} differ)" if others else ""
+    if "weights" not in previous:
+        made = "that does not record its tokenizer's weights (it predates weight fingerprints)"
+    elif previous.get("tokenizer") == settings.get("tokenizer"):
+        made = f"made with other tokenizer weights ({settings['tokenizer']} has changed since)"
+    else:
+        made = "made with another tokenizer's weights"
+    mix = "" if complete else " (resumed, it would mix the tokens of two tokenizers)"
+    return f"{run} {made}{also}{mix}; pass --overwrite to start afresh, or write to another --out"
+
+
 def pretokenize(fabric, args: argparse.Namespace) -> None:
     """Encode this rank's parts (rank r takes parts r, r + world, ...), skipping those an interrupted run finished;
     then rank 0 writes ``<out>/<split>.json`` (token layout, counts, skipped inputs): the output is complete."""
     from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
+    from titok_lightning.loading import weights_fingerprint
 
-    tokenizer = load_frozen_tokenizer(args.tokenizer, use_ema=not args.raw_weights).to(fabric.device)
+    tokenizer = load_frozen_tokenizer(args.tokenizer, use_ema=not args.raw_weights)
+    # a resume must find the same weights, not only the same path (a run's last.ckpt changes as it trains on)
+    weights = weights_fingerprint(tokenizer)
+    tokenizer = tokenizer.to(fabric.device)
     image_size = args.image_size or tokenizer.image_size
     views = Views(image_size, ten_crop=args.ten_crop, flip=args.flip)
     parts = plan_parts(args, views)
@@ -360,6 +382,7 @@ def pretokenize(fabric, args: argparse.Namespace) -> None:
         "labels": args.labels,
     }
     settings = {**info, "data": list(args.data), "maxcount": args.maxcount, "raw_weights": args.raw_weights}
+    settings["weights"] = weights
     settings["parts"] = len(parts)
     os.makedirs(args.out, exist_ok=True)
     status = fabric.broadcast(_prepare_output(args, settings) if fabric.is_global_zero else None)
@@ -417,7 +440,9 @@ def convert_jsonl(path: str, out: str, split: str, maxcount: int, overwrite: boo
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+        prog="python -m titok_lightning.pretokenize",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument("--out", required=True, help="output folder of the token shards")
     parser.add_argument("--tokenizer", help="Lightning .ckpt of this project, registry name, weight file or HF repo")
@@ -462,4 +487,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from titok_lightning.cli import errors_in_one_line
+    from titok_lightning.convert import CheckpointMismatchError
+    from titok_lightning.loading import PretrainedNotAvailableError
+
+    # mistakes in what the user typed (a missing path, a file that is no tokenizer, an output of other settings):
+    # one line on stderr (HYDRA_FULL_ERROR=1: the traceback)
+    user_errors = (FileNotFoundError, FileExistsError, ValueError, PretrainedNotAvailableError, CheckpointMismatchError)
+    with errors_in_one_line("pretokenize", user_errors):
+        main()

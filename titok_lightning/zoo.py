@@ -1,5 +1,7 @@
 """Print the README's model-zoo table: ``python -m titok_lightning.zoo``."""
 
+import argparse
+
 from titok_lightning.registry import get_spec, list_models
 
 
@@ -15,5 +17,13 @@ def model_zoo_markdown() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m titok_lightning.zoo", description="Print the model-zoo table of the README (markdown)."
+    )
+    parser.parse_args(argv)  # no options: --help, and an error for anything else
     print(model_zoo_markdown())
+
+
+if __name__ == "__main__":
+    main()
