@@ -44,7 +44,7 @@ from titok_lightning.lit.base import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2")
 REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
 
 
@@ -56,7 +56,8 @@ class ResumableCheckpoint(ModelCheckpoint):
     """ModelCheckpoint for exact resumption (see the module docstring).
 
     Args:
-        signals: names of the signals that save and stop (default SIGTERM, SIGUSR1, SIGUSR2).
+        signals: names of the signals that save and stop (default SIGTERM, SIGINT, SIGUSR1, SIGUSR2; a second
+            SIGINT, i.e. Ctrl+C twice, stops at once without a checkpoint).
         requeue: after SIGUSR1/SIGUSR2 under SLURM, requeue the job with ``scontrol requeue``.
         Others: as ModelCheckpoint.
 
@@ -86,11 +87,14 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     # ------------------------------------------------------------------------------------------------ signals
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self._received:  # a second Ctrl+C: stop at once, without a checkpoint
+            raise KeyboardInterrupt
         # Only note it: collectives and file writes are unsafe inside a handler, the batch end does them.
         if not self._received:
             log.info(
-                "received %s: the run saves and stops at the end of this batch (with several ranks: the next one)",
+                "received %s: the run saves and stops at the end of this batch (with several ranks: the next one)%s",
                 signal.Signals(signum).name,
+                "; Ctrl+C again stops at once, without saving" if signum == signal.SIGINT else "",
             )
         self._received = signum
 

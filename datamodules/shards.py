@@ -154,7 +154,8 @@ _shielded_pid: int | None = None  # the worker process whose stop signals are fi
 
 
 def shield_worker_from_stop_signals(owner_pid: int) -> None:
-    """In a DataLoader worker, ignore SIGTERM / SIGUSR1 / SIGUSR2 from anyone but `owner_pid`, the training process.
+    """In a DataLoader worker, ignore SIGTERM / SIGUSR1 / SIGUSR2 from anyone but `owner_pid`, the training process,
+    and SIGINT from anyone.
 
     SLURM and ``kill`` of a process group signal the workers too, and a worker that died of it would turn the
     training process's checkpoint-and-stop into a crash (the training process stops its workers itself). The
@@ -167,6 +168,9 @@ def shield_worker_from_stop_signals(owner_pid: int) -> None:
     if torch.utils.data.get_worker_info() is None or _shielded_pid == os.getpid():
         return  # the main process, or a persistent worker starting another epoch
     _shielded_pid = os.getpid()
+    # Ctrl+C reaches the terminal's whole process group: the training process saves and stops, its workers carry on
+    # until it ends them (nothing sends them SIGINT otherwise)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not hasattr(signal, "sigwaitinfo"):
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)

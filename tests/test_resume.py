@@ -344,3 +344,26 @@ def test_a_run_killed_alone_can_restart_at_once_while_its_workers_wind_down(tmp_
             pass
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert checkpoint(run_dir)["global_step"] == 35
+
+
+def test_ctrl_c_saves_the_current_step_and_a_second_one_stops_at_once(tmp_path, digits_cache):  # noqa: F811
+    """Ctrl+C (SIGINT to the terminal's process group, the DataLoader workers included) writes the current step like
+    SIGTERM and exits 130; the same folder resumes it. Lightning alone would stop with the last periodic checkpoint."""
+    run_dir = tmp_path / "run"
+    process = start(run_dir, digits_cache)  # data.num_workers=2
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000006.ckpt").exists(), process, "step 6")
+    os.killpg(process.pid, signal.SIGINT)
+    output = finish(process, expected_rc=128 + signal.SIGINT)
+    stopped_at = checkpoint(run_dir)["global_step"]
+    assert (
+        6 <= stopped_at < 35 and f"SIGINT: saved {run_dir / 'checkpoints' / 'last.ckpt'} at step {stopped_at}" in output
+    )
+    finish(start(run_dir, digits_cache))
+    assert checkpoint(run_dir)["global_step"] == 35
+
+    from callbacks.fault_tolerance import ResumableCheckpoint
+
+    callback = ResumableCheckpoint()
+    callback._handle(signal.SIGINT, None)  # the first: noted, saved at the batch end
+    with pytest.raises(KeyboardInterrupt):
+        callback._handle(signal.SIGINT, None)
