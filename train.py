@@ -60,9 +60,14 @@ class MissingSettingError(ValueError):
     """A mandatory setting (``???`` in the config, e.g. a data path) was not given."""
 
 
+class ChangedOnResumeError(ValueError):
+    """A resumed run was given optimizer or schedule settings other than those its checkpoint was trained with."""
+
+
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
 USER_ERRORS = (
     *CONFIG_ERRORS,
+    ChangedOnResumeError,
     MissingSettingError,
     FileNotFoundError,
     NotACheckpointError,
@@ -116,10 +121,62 @@ def instantiate_collection(cfg: DictConfig | None) -> list[Any]:
     return [hydra.utils.instantiate(node) for node in cfg.values() if node is not None and "_target_" in node]
 
 
+# settings a resume restores from the checkpoint (optimizer states, the schedule's position and base rates): new
+# values would apply in part or not at all, so they are refused rather than silently half-applied
+RESTORED_ON_RESUME = ("model.optimizer", "model.scheduler")
+# settings that name where this start writes, logs and what it resumes, not how the run trains
+NOT_COMPARED_ON_RESUME = (
+    "paths",
+    "ckpt_path",
+    "hydra",
+    "logger",
+    "trainer.default_root_dir",
+    "callbacks.model_checkpoint.dirpath",
+)
+
+
+def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A resolved config as ``{"dotted.key": value}`` (lists are values)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flat_settings(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def check_resumed_settings(cfg: DictConfig, ckpt_path: str) -> None:
+    """Compare this start's settings with those of the run that wrote ``ckpt_path`` (``config.yaml`` beside it):
+    refuse changed optimizer / schedule settings, say which other settings changed."""
+    previous_file = Path(ckpt_path).parent / "config.yaml"
+    if not previous_file.is_file():
+        return
+    previous = flat_settings(OmegaConf.to_container(OmegaConf.load(previous_file), resolve=False))
+    current = flat_settings(OmegaConf.to_container(job_config(cfg), resolve=True))
+    changed = [
+        key
+        for key in sorted(previous.keys() | current.keys())
+        if previous.get(key) != current.get(key) and not key.startswith(NOT_COMPARED_ON_RESUME)
+    ]
+    described = {key: f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed}
+    refused = [described[key] for key in changed if key.startswith(RESTORED_ON_RESUME)]
+    if refused:
+        raise ChangedOnResumeError(
+            f"resuming {ckpt_path} with other optimizer or schedule settings ({'; '.join(refused)}): the "
+            "checkpoint's optimizer states and schedule are restored, so these would not apply as written. Resume "
+            "with the run's own settings, or start a new run folder"
+        )
+    for key in changed:
+        note = " (the schedule is stretched to the new length from here on)" if key == "trainer.max_steps" else ""
+        log.warning("resuming with a changed setting, %s%s", described[key], note)
+
+
 def resolve_ckpt_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     """Explicit ``ckpt_path`` wins; otherwise resume from the run folder's newest readable checkpoint by recorded
-    step, whatever its kind (``last``, ``step_*``, SLURM ``hpc_ckpt_*``), saying which newer files were unreadable."""
+    step, whatever its kind (``last``, ``step_*``, SLURM ``hpc_ckpt_*``), saying which newer files were unreadable.
+    Either way the settings are compared with the resumed run's (:func:`check_resumed_settings`)."""
     if cfg.get("ckpt_path"):
+        check_resumed_settings(cfg, str(cfg.ckpt_path))
         return str(cfg.ckpt_path)
     folders = [cfg.paths.checkpoint_dir, trainer.default_root_dir]
     found, problems = find_resume_checkpoint(folder for folder in folders if Path(folder).is_dir())
@@ -128,6 +185,7 @@ def resolve_ckpt_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
     if found is None:
         return None
     log.info("resuming from %s", found)
+    check_resumed_settings(cfg, str(found))
     return str(found)
 
 

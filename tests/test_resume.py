@@ -367,3 +367,26 @@ def test_ctrl_c_saves_the_current_step_and_a_second_one_stops_at_once(tmp_path, 
     callback._handle(signal.SIGINT, None)  # the first: noted, saved at the batch end
     with pytest.raises(KeyboardInterrupt):
         callback._handle(signal.SIGINT, None)
+
+
+def test_resuming_with_other_optimizer_settings_is_refused_and_other_changes_are_named(tmp_path, digits_cache):  # noqa: F811
+    """The optimizer states and the schedule come back from the checkpoint, so a new learning rate given on resume
+    would apply in part (the restored base rates times the new schedule) or not at all: refused in one line. Other
+    changes (a longer run) go ahead with a warning that names them."""
+    run_dir = tmp_path / "run"
+    finish(start(run_dir, digits_cache, "trainer.max_steps=12"))
+    refused = subprocess.run(
+        command(run_dir, digits_cache, "trainer.max_steps=12", "model.optimizer.lr=1e-3"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last_line = refused.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("train.py: error: resuming ") and "model.optimizer.lr: 0.002 -> 0.001" in last_line
+    assert checkpoint(run_dir)["global_step"] == 12
+
+    output = finish(start(run_dir, digits_cache, "trainer.max_steps=18"))
+    assert "resuming with a changed setting, trainer.max_steps: 12 -> 18 (the schedule is stretched" in output
+    assert checkpoint(run_dir)["global_step"] == 18
