@@ -221,6 +221,12 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
             "train.py: error: Could not override 'trainer.max_step'. To append to your config use "
             "+trainer.max_step=1 (did you mean trainer.max_steps or trainer.max_epochs?)",
         ),
+        (  # the unknown key lies inside the override's value: named, with where it is
+            ["experiment=maskgen_vq_l_stage1", "model.text_encoder={model_name:x,text_cfg:{width:32}}"],
+            "train.py: error: Could not override 'model.text_encoder'. To append to your config use "
+            "+model.text_encoder={model_name:x,text_cfg:{width:32}} (Key 'text_cfg' is not in struct: "
+            "model.text_encoder.text_cfg)",
+        ),
         (
             [
                 "data=imagenet",

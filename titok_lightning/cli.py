@@ -50,7 +50,12 @@ def one_line(error: BaseException) -> str:
     text = ""
     for part in parts:  # sentences follow with a space, other lines with "; "
         text += (" " if text.endswith((".", ":")) else "; ") + part if text else part
-    suggestions = close_keys(error.__cause__ if error.__cause__ is not None else error)
+    cause = error.__cause__
+    cause_key = getattr(cause, "full_key", None)
+    if isinstance(cause, OmegaConfBaseException) and cause_key and f"'{cause_key}'" not in text:
+        # the failing key lies inside the override's value (a nested mapping): Hydra's sentence names only the override
+        text += f" ({str(cause).splitlines()[0]}: {cause_key})"
+    suggestions = close_keys(cause if cause is not None else error)
     if suggestions:
         text += f" (did you mean {' or '.join(suggestions)}?)"
     return text
