@@ -41,6 +41,7 @@ from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
 from datamodules.shards import SeveralSplitsError  # noqa: E402
 from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
+    ResumableCSVLogger,
     RunFolderInUseError,
     RunLock,
     find_resume_checkpoint,
@@ -300,7 +301,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg, trainer))
+        ckpt_path = resolve_ckpt_path(cfg, trainer)
+        if ckpt_path is None:  # step 0: rows of a run killed before its first checkpoint would be duplicated
+            for logger in loggers:
+                if isinstance(logger, ResumableCSVLogger) and trainer.is_global_zero:
+                    logger.experiment.drop_rows_from(0)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         if not trainer.fast_dev_run:
             metrics.update(report(cfg, trainer, module, datamodule))

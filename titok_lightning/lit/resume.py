@@ -1,12 +1,15 @@
 """What lets a run continue where it stopped: atomic checkpoint files, the choice of the checkpoint to resume from,
-a lock on the run folder, and a CSV logger that continues its file.
+a lock on the run folder, a CSV logger that continues its file and a W&B logger that continues its run.
 
 - `AtomicCheckpointIO` writes a checkpoint into a temporary file beside its target, fsyncs it and renames it into
   place, so a kill, a full disk or a temporary folder on another filesystem never leaves a truncated checkpoint.
 - `find_resume_checkpoint` picks the newest checkpoint by the step recorded inside it, whatever its name (``last``,
   ``step_*``, SLURM's ``hpc_ckpt_*``), and falls back to the next one when a file cannot be read.
 - `RunLock` refuses a second live process on the same run folder; the kernel releases it when its holder dies.
-- `ResumableCSVLogger` appends to ``metrics.csv`` and drops the rows a killed run logged after its checkpoint.
+- `ResumableCSVLogger` appends to ``metrics.csv`` and drops the rows a killed run logged after its checkpoint (all
+  of them when train.py starts from no checkpoint: a run killed before its first checkpoint starts again at step 0).
+- `ResumableWandbLogger` keeps one W&B run per run folder: its id is persisted in the folder, so a restart there
+  continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ import logging
 import os
 import secrets
 import socket
+import string
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -178,14 +182,18 @@ class _AppendingWriter(ExperimentWriter):
                 self.metrics_keys = sorted(next(csv.reader(file), []))
 
     def drop_rows_from(self, step: int) -> int:
-        """Remove the rows written at ``step`` or later (a killed run's steps after its checkpoint) from the file, not
-        the rows this run logged and has not written yet; returns how many."""
+        """Remove the rows written at ``step`` or later (a killed run's steps after its checkpoint; all rows for a run
+        that starts at step 0) from the file, not the rows this run logged and has not written yet; returns how many.
+        With no row left the file goes too, so its header gets this run's columns only."""
         if not os.path.isfile(self.metrics_file_path):
             return 0
         with open(self.metrics_file_path, newline="", encoding="utf-8") as file:
             rows = list(csv.DictReader(file))
         kept = [row for row in rows if int(row["step"]) < step]
-        if len(kept) < len(rows):
+        if not kept:
+            os.remove(self.metrics_file_path)
+            self.metrics_keys = []
+        elif len(kept) < len(rows):
             with open(self.metrics_file_path, "w", newline="", encoding="utf-8") as file:
                 writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
                 writer.writeheader()
@@ -195,7 +203,10 @@ class _AppendingWriter(ExperimentWriter):
 
 class ResumableCSVLogger(CSVLogger):
     """CSVLogger whose ``metrics.csv`` survives a resume: rows are appended, and the checkpoint callback drops the
-    rows logged after the checkpoint the run resumed from (they are logged again)."""
+    rows logged after the checkpoint the run resumed from (they are logged again).
+
+    ``train.py`` drops all rows of a fit that starts from no checkpoint (a run killed before its first checkpoint
+    and started again in its folder begins at step 0)."""
 
     @property
     @rank_zero_experiment
@@ -204,3 +215,50 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+# ---------------------------------------------------------------------------------------------------- W&B logger
+RUN_ID_FILE = "run-id"  # <save_dir>/wandb/run-id: the W&B run id of the run folder
+_ID_CHARACTERS = string.ascii_lowercase + string.digits  # as W&B's own ids
+
+
+def persistent_run_id(save_dir: str | os.PathLike) -> str:
+    """The W&B run id of the run folder ``save_dir``: read from ``<save_dir>/wandb/run-id``, or a new random one
+    written there the first time (atomically: concurrent ranks or processes all get the id of the first writer)."""
+    path = Path(save_dir) / "wandb" / RUN_ID_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.parent / f"{TEMP_PREFIX}{RUN_ID_FILE}-{secrets.token_hex(4)}"
+        temporary.write_text("".join(secrets.choice(_ID_CHARACTERS) for _ in range(8)) + "\n", encoding="utf-8")
+        try:
+            os.link(temporary, path)  # fails if another process published its id first
+        except FileExistsError:
+            pass
+        finally:
+            temporary.unlink()
+    return path.read_text(encoding="utf-8").strip()
+
+
+class ResumableWandbLogger(WandbLogger):
+    """WandbLogger that keeps one W&B run per run folder: without an explicit ``id``/``version``, the id is the one
+    persisted in ``<save_dir>/wandb/run-id`` (created by the folder's first start), and Lightning's
+    ``resume="allow"`` continues that run when the folder's run is started again; a new folder gets a new id.
+
+    A logger class and not a config resolver: a resolver would have to be registered by everything that composes the
+    config (train.py, the tests, sample.py) before the config is resolved. A persisted random id and not a hash of
+    the folder's path: a path used again after its folder was deleted, or the same path on another machine, must not
+    continue an unrelated W&B run."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        save_dir: str | os.PathLike | None = ".",
+        version: str | None = None,
+        *,
+        dir: str | os.PathLike | None = None,
+        id: str | None = None,
+        **kwargs: Any,
+    ):
+        if id is None and version is None:  # WandbLogger's folder: save_dir, else dir
+            id = persistent_run_id(save_dir if save_dir is not None else dir if dir is not None else ".")
+        super().__init__(name=name, save_dir=save_dir, version=version, dir=dir, id=id, **kwargs)
