@@ -306,7 +306,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             for logger in loggers:
                 if isinstance(logger, ResumableCSVLogger) and trainer.is_global_zero:
                     logger.experiment.drop_rows_from(0)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            if ckpt_path is not None and Path(ckpt_path).parent.resolve() == Path(cfg.paths.checkpoint_dir).resolve():
+                # resuming in its own folder: of course the checkpoint folder is not empty
+                warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         if not trainer.fast_dev_run:
             metrics.update(report(cfg, trainer, module, datamodule))
