@@ -54,6 +54,7 @@ from titok_lightning.loading import (
     load_pretrained,
     load_trained,
     plain,
+    torch_load,
     weights_fingerprint,
 )
 from titok_lightning.metrics import (
@@ -97,7 +98,7 @@ def check_generator_checkpoint(path: str) -> None:
     are left to :func:`load_trained`'s own errors."""
     if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
         return
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = torch_load(path, mmap=True)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     hparams = hparams if isinstance(hparams, Mapping) else {}
     if isinstance(hparams.get("generator"), Mapping):
