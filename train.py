@@ -41,13 +41,12 @@ from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
 from datamodules.shards import SeveralSplitsError  # noqa: E402
 from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
-    ResumableCSVLogger,
     RunFolderInUseError,
     RunLock,
     find_resume_checkpoint,
     remove_temporary_files,
 )
-from titok_lightning.loading import NotACheckpointError  # noqa: E402
+from titok_lightning.loading import NotACheckpointError, checkpoint_global_step  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -250,12 +249,20 @@ def mean_image_baseline(datamodule: L.LightningDataModule) -> float | None:
     return float(((arrays.val_images - mean_image) ** 2).mean())
 
 
-def report(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict[str, float]:
-    """Validate the final (EMA) weights and compare the reconstruction MSE with the mean-image baseline."""
+def report(
+    cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule, logged: bool = True
+) -> dict[str, float]:
+    """Validate the final (EMA) weights and compare the reconstruction MSE with the mean-image baseline.
+    ``logged=False`` keeps the validation out of the loggers (a rerun of a finished run: its row is there already)."""
     baseline = mean_image_baseline(datamodule) if cfg.get("report_baseline") else None
     if baseline is None:
         return {}
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    loggers = trainer.loggers
+    trainer.loggers = loggers if logged else []
+    try:
+        results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    finally:
+        trainer.loggers = loggers
     if not results or "val/mse" not in results[0]:  # validation disabled (limit_val_batches=0)
         return {}
     mse = float(results[0]["val/mse"])
@@ -285,11 +292,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
-    # the composed config reaches the loggers (W&B run config, TensorBoard hparams, CSV hparams.yaml); the
-    # modules' own save_hyperparameters(logger=False) would show only their constructor arguments
     hyperparameters = OmegaConf.to_container(job_config(cfg), resolve=True)
-    for logger in loggers:
-        logger.log_hyperparams(hyperparameters)
     callbacks.append(SaveConfig(hyperparameters, cfg.paths.checkpoint_dir))
     if cfg.get("train", True):
         command = resume_command(cfg)
@@ -299,21 +302,30 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 callback.resume_command = command
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
+    ckpt_path = resolve_ckpt_path(cfg, trainer) if cfg.get("train", True) else None
+    if cfg.get("train", True) and ckpt_path is None:
+        for logger in loggers:  # step 0: the records of a run killed before its first checkpoint would be doubled
+            if hasattr(logger, "drop_steps_from"):  # before this start logs anything (its hyperparameters)
+                logger.drop_steps_from(0)
+    # the composed config reaches the loggers (W&B run config, TensorBoard hparams, CSV hparams.yaml); the
+    # modules' own save_hyperparameters(logger=False) would show only their constructor arguments
+    for logger in loggers:
+        logger.log_hyperparams(hyperparameters)
+
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        ckpt_path = resolve_ckpt_path(cfg, trainer)
-        if ckpt_path is None:  # step 0: rows of a run killed before its first checkpoint would be duplicated
-            for logger in loggers:
-                if isinstance(logger, ResumableCSVLogger) and trainer.is_global_zero:
-                    logger.experiment.drop_rows_from(0)
+        start_step = checkpoint_global_step(ckpt_path) if ckpt_path is not None else 0
         with warnings.catch_warnings():
             if ckpt_path is not None and Path(ckpt_path).parent.resolve() == Path(cfg.paths.checkpoint_dir).resolve():
                 # resuming in its own folder: of course the checkpoint folder is not empty
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trained = ckpt_path is None or trainer.global_step != start_step
+        if not trained:
+            log.info("%s is from step %d, where this run ends: nothing left to train", ckpt_path, start_step)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         if not trainer.fast_dev_run:
-            metrics.update(report(cfg, trainer, module, datamodule))
+            metrics.update(report(cfg, trainer, module, datamodule, logged=trained))
     if cfg.get("test", False):
         ckpt_path = None if cfg.get("train", True) else cfg.get("ckpt_path")
         for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path):

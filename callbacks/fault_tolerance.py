@@ -175,11 +175,8 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._resumed = False
             first_step = trainer.fit_loop.epoch_loop._batches_that_stepped
             for logger in trainer.loggers:
-                experiment = logger.experiment if trainer.is_global_zero else None
-                if hasattr(experiment, "drop_rows_from"):
-                    dropped = experiment.drop_rows_from(first_step)
-                    if dropped:
-                        log.info("dropped %d metric rows logged after the checkpoint (they are logged again)", dropped)
+                if hasattr(logger, "drop_steps_from"):  # ResumableCSVLogger, ResumableTensorBoardLogger
+                    logger.drop_steps_from(first_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

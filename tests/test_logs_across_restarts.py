@@ -1,6 +1,7 @@
 """The loggers' records across a restart in the same run folder, run as a user runs train.py (subprocesses, real
-signals): ``csv/metrics.csv`` of a run killed before its first checkpoint and started again reads as one
-uninterrupted run, and a run stopped by SIGTERM and started again stays one W&B run (offline, no network)."""
+signals): ``csv/metrics.csv`` and TensorBoard's view of a run killed (before or after its first checkpoint) and
+started again read as one uninterrupted run, a rerun of a finished run adds no record, and a run stopped by SIGTERM
+and started again stays one W&B run (offline, no network)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.test_train import digits_cache  # noqa: F401 (a fixture)
 from titok_lightning.lit.resume import ResumableCSVLogger, ResumableWandbLogger, persistent_run_id
 
 NO_PERIODIC_CHECKPOINT = "callbacks.model_checkpoint.every_n_train_steps=1000"  # only last.ckpt, when training ends
+CSV_AND_TENSORBOARD = "logger=[csv,tensorboard]"  # Hydra's list of a group's options: both loggers
 
 
 def rows_written(run_dir: Path) -> int:
@@ -22,22 +24,77 @@ def rows_written(run_dir: Path) -> int:
     return max(len(path.read_text().splitlines()) - 1, 0) if path.exists() else 0
 
 
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar as TensorBoard shows it, (step, value) in order, read from all of the folder's event files by
+    TensorBoard's own loader (which applies a restart's purge); without the wall-clock throughput."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return {
+        tag: [(event.step, event.value) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag != "train/samples_per_sec"
+    }
+
+
+def assert_same_tensorboard(run_dir: Path, reference: Path) -> None:
+    got, expected = tensorboard_scalars(run_dir), tensorboard_scalars(reference)
+    assert got.keys() == expected.keys()
+    for tag, points in expected.items():
+        assert [step for step, _ in got[tag]] == [step for step, _ in points], f"{tag}: no step twice"
+        assert got[tag] == points, tag
+
+
 def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_again(tmp_path, digits_cache):  # noqa: F811
     reference = tmp_path / "reference"
-    finish(start(reference, digits_cache, NO_PERIODIC_CHECKPOINT))
+    finish(start(reference, digits_cache, NO_PERIODIC_CHECKPOINT, CSV_AND_TENSORBOARD))
     run_dir = tmp_path / "run"
 
-    killed = start(run_dir, digits_cache, NO_PERIODIC_CHECKPOINT)
+    killed = start(run_dir, digits_cache, NO_PERIODIC_CHECKPOINT, CSV_AND_TENSORBOARD)
     wait_for(lambda: rows_written(run_dir) >= 2, killed, "two metrics rows")  # steps 4 and 9 (log_every_n_steps=5)
     kill(killed)
     assert not list((run_dir / "checkpoints").glob("*.ckpt")), "killed before any checkpoint: nothing to resume"
     assert rows_written(run_dir) >= 2
 
-    output = finish(start(run_dir, digits_cache, NO_PERIODIC_CHECKPOINT))
+    output = finish(start(run_dir, digits_cache, NO_PERIODIC_CHECKPOINT, CSV_AND_TENSORBOARD))
     assert "resuming from" not in output
     got, expected = metric_rows(run_dir), metric_rows(reference)
     assert [row["step"] for row in got] == [row["step"] for row in expected], "no step twice"
     assert got == expected
+    assert_same_tensorboard(run_dir, reference)
+
+
+def test_a_run_killed_after_a_checkpoint_shows_each_step_once_in_tensorboard(tmp_path, digits_cache):  # noqa: F811
+    reference = tmp_path / "reference"
+    finish(start(reference, digits_cache, CSV_AND_TENSORBOARD))
+    run_dir = tmp_path / "run"
+
+    killed = start(run_dir, digits_cache, CSV_AND_TENSORBOARD)
+    # a checkpoint at step 12, then the rows of steps 14 and 19 (and validation at 20): logged twice after the restart
+    wait_for(lambda: rows_written(run_dir) >= 8, killed, "the rows of step 19")
+    kill(killed)
+    logged = [step for step, _ in tensorboard_scalars(run_dir)["train/total_loss"]]
+    assert max(logged) >= 14, "logged after the checkpoint"
+
+    output = finish(start(run_dir, digits_cache, CSV_AND_TENSORBOARD))
+    assert "resuming from" in output
+    assert metric_rows(run_dir) == metric_rows(reference)
+    assert_same_tensorboard(run_dir, reference)
+
+
+def test_running_a_finished_run_again_reports_without_adding_records(tmp_path, digits_cache):  # noqa: F811
+    run_dir = tmp_path / "run"
+    first = finish(start(run_dir, digits_cache, CSV_AND_TENSORBOARD, "report_baseline=true"))
+    rows, scalars = metric_rows(run_dir), tensorboard_scalars(run_dir)
+    assert rows[-1]["step"] == "35" and rows[-1]["val/mse"], "the report's validation of the final weights is logged"
+
+    again = finish(start(run_dir, digits_cache, CSV_AND_TENSORBOARD, "report_baseline=true"))
+    assert "nothing left to train" in again
+    report_line = next(line for line in first.splitlines() if line.startswith("Held-out reconstruction MSE"))
+    assert report_line in again.splitlines(), "the report is printed again"
+    assert metric_rows(run_dir) == rows
+    assert tensorboard_scalars(run_dir) == scalars
 
 
 # ------------------------------------------------------------------------------------------------------------- W&B
@@ -114,7 +171,7 @@ def test_dropping_every_row_starts_the_file_again_with_the_new_runs_columns(tmp_
     old.log_metrics({"train/loss": 0.5, "val/mse": 0.1}, step=9)
     old.save()
     logger = ResumableCSVLogger(tmp_path, name="csv", version="")
-    assert logger.experiment.drop_rows_from(0) == 2
+    logger.drop_steps_from(0)
     logger.log_metrics({"train/loss": 2.0}, step=0)
     logger.save()
     rows = metric_rows(tmp_path)

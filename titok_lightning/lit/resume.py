@@ -7,7 +7,8 @@ a lock on the run folder, a CSV logger that continues its file and a W&B logger 
   ``step_*``, SLURM's ``hpc_ckpt_*``), and falls back to the next one when a file cannot be read.
 - `RunLock` refuses a second live process on the same run folder; the kernel releases it when its holder dies.
 - `ResumableCSVLogger` appends to ``metrics.csv`` and drops the rows a killed run logged after its checkpoint (all
-  of them when train.py starts from no checkpoint: a run killed before its first checkpoint starts again at step 0).
+  of them when train.py starts from no checkpoint: a run killed before its first checkpoint starts again at step 0);
+  `ResumableTensorBoardLogger` hides those steps from TensorBoard. Both offer ``drop_steps_from(step)``.
 - `ResumableWandbLogger` keeps one W&B run per run folder: its id is persisted in the folder, so a restart there
   continues the same W&B run.
 """
@@ -27,10 +28,11 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 
 from titok_lightning.loading import checkpoint_global_step
 
@@ -215,6 +217,42 @@ class ResumableCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    @rank_zero_only
+    def drop_steps_from(self, step: int) -> None:
+        """Remove the rows of ``step`` and later from ``metrics.csv`` (they are logged again)."""
+        dropped = self.experiment.drop_rows_from(step)
+        if dropped:
+            log.info("dropped %d rows of step %d or later from metrics.csv (they are logged again)", dropped, step)
+
+
+# ---------------------------------------------------------------------------------------------- TensorBoard logger
+class ResumableTensorBoardLogger(TensorBoardLogger):
+    """TensorBoardLogger whose event files read as one run across restarts in the same folder (``version: ""``).
+
+    A restarted run logs again the steps a killed run had logged after its checkpoint; TensorBoard would draw both.
+    ``drop_steps_from`` writes the session-start event that ``SummaryWriter(purge_step=step)`` writes when it opens
+    (TensorBoard then hides the earlier files' events at ``step`` or later), at the point where the step is known.
+    The placeholder ``hp_metric`` (and the HParams summary) is logged at the folder's first start only: at step 0, a
+    restart's would be a second point there."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._continues = bool(self._fs.glob(os.path.join(self.log_dir, "events.out.tfevents.*")))
+
+    @rank_zero_only
+    def drop_steps_from(self, step: int) -> None:
+        """Hide the events logged at ``step`` or later by earlier starts (they are logged again)."""
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+        self.experiment._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
+        self._continues = self._continues and step > 0
+
+    @rank_zero_only
+    def log_hyperparams(self, params: Any, metrics: dict[str, Any] | None = None, step: int | None = None) -> None:
+        if metrics is None and self._continues:
+            metrics = {}  # hparams.yaml only: the earlier start's placeholder stands
+        super().log_hyperparams(params, metrics=metrics, step=step)
 
 
 # ---------------------------------------------------------------------------------------------------- W&B logger
