@@ -35,6 +35,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
+from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
@@ -60,6 +61,10 @@ class MissingSettingError(ValueError):
     """A mandatory setting (``???`` in the config, e.g. a data path) was not given."""
 
 
+class RunSettingError(ValueError):
+    """Settings that cannot run as given: what to train or test from, or how long."""
+
+
 class ChangedOnResumeError(ValueError):
     """A resumed run was given optimizer or schedule settings other than those its checkpoint was trained with."""
 
@@ -69,6 +74,7 @@ USER_ERRORS = (
     *CONFIG_ERRORS,
     ChangedOnResumeError,
     MissingSettingError,
+    RunSettingError,
     FileNotFoundError,
     NotACheckpointError,
     RunFolderInUseError,
@@ -98,6 +104,54 @@ def check_mandatory(cfg: DictConfig) -> None:
         given = [shlex.quote(o) for o in HydraConfig.get().overrides.task] if HydraConfig.initialized() else []
         command = " ".join(["python train.py", *given, *map(example_setting, missing)])
         raise MissingSettingError(f"mandatory settings are not set: {', '.join(missing)}; e.g. {command}")
+
+
+def check_run_settings(cfg: DictConfig) -> None:
+    """Refuse in one line what Lightning would run wrongly or not at all: no optimizer-step count for the schedules,
+    Lightning's ``last``/``best`` (a new run folder has neither), nothing to do; warn where an epoch or time limit
+    ends training before the schedule does."""
+    train, test = cfg.get("train", True), cfg.get("test", False)
+    if not train and not test:
+        raise RunSettingError("train=false with test=false does nothing: add test=true ckpt_path=<file.ckpt>")
+    if cfg.get("ckpt_path") in ("last", "best"):
+        raise RunSettingError(
+            f"ckpt_path={cfg.ckpt_path}: Lightning looks for it in this start's run folder, which is new unless "
+            "hydra.run.dir is given. To continue a run pass hydra.run.dir=<its folder> (its newest checkpoint is "
+            "used), or give ckpt_path=<file.ckpt>"
+        )
+    max_steps = cfg.trainer.get("max_steps")
+    if train and (not isinstance(max_steps, int) or max_steps < 1):
+        raise RunSettingError(
+            f"trainer.max_steps={max_steps}: the learning-rate schedules are counted in optimizer steps, so training "
+            "needs a positive trainer.max_steps (it may be combined with trainer.max_epochs or trainer.max_time)"
+        )
+    limits = [f"trainer.{key}={cfg.trainer[key]}" for key in ("max_epochs", "max_time") if cfg.trainer.get(key)]
+    limits = [limit for limit in limits if limit != "trainer.max_epochs=-1"]
+    if train and limits:
+        log.warning(
+            "%s may stop training before trainer.max_steps=%d, where the learning-rate schedule ends (it is sized "
+            "for max_steps): set trainer.max_steps to the length you want",
+            " and ".join(limits),
+            max_steps,
+        )
+
+
+def checkpoint_to_test(cfg: DictConfig) -> str:
+    """``ckpt_path``, else the run folder's newest readable checkpoint (``hydra.run.dir=<run>``); never the untrained
+    weights."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    folders = [folder for folder in (cfg.paths.checkpoint_dir, cfg.paths.output_dir) if Path(folder).is_dir()]
+    found, problems = find_resume_checkpoint(folders)
+    for problem in problems:
+        log.warning(problem)
+    if found is None:
+        raise RunSettingError(
+            "train=false test=true needs trained weights: give ckpt_path=<file.ckpt>, or hydra.run.dir=<a run "
+            f"folder with checkpoints> ({cfg.paths.checkpoint_dir} has none)"
+        )
+    log.info("testing %s", found)
+    return str(found)
 
 
 def route_lightning_logs() -> None:
@@ -282,6 +336,8 @@ def report(
 def train(cfg: DictConfig) -> dict[str, float]:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg``; fit, then optionally test."""
     check_mandatory(cfg)
+    check_run_settings(cfg)
+    test_ckpt_path = None if cfg.get("train", True) or not cfg.get("test", False) else checkpoint_to_test(cfg)
     if cfg.get("train", True):
         hold_run_lock(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -290,6 +346,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model)
+    if cfg.get("test", False) and not is_overridden("test_step", module):  # before training, not after it
+        raise RunSettingError(f"test=true: {type(module).__name__} has no test loop (it is for tokenizers)")
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
     hyperparameters = OmegaConf.to_container(job_config(cfg), resolve=True)
@@ -327,8 +385,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not trainer.fast_dev_run:
             metrics.update(report(cfg, trainer, module, datamodule, logged=trained))
     if cfg.get("test", False):
-        ckpt_path = None if cfg.get("train", True) else cfg.get("ckpt_path")
-        for result in trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path):
+        for result in trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt_path):
             metrics.update(result)
     return metrics
 

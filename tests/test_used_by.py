@@ -167,7 +167,70 @@ def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_ca
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "test/mse" in result.stdout
+    given = tested_mse(result.stdout)
+    assert given == pytest.approx(expected[0]["val/mse"], rel=1e-6), "the checkpoint's weights, not random ones"
+
+    # the run folder instead of a file: its newest checkpoint (the same one here), not the untrained weights
+    result = train_py(
+        *tiny_overrides("demo"),
+        f"data.cache_dir={digits_cache}",
+        "train=false",
+        "test=true",
+        f"hydra.run.dir={cfg.paths.output_dir}",
+        "+trainer.limit_test_batches=2",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tested_mse(result.stdout) == given
+
+
+def tested_mse(stdout: str) -> float:
+    """``test/mse`` from the table Lightning prints after ``trainer.test``."""
+    match = re.search(r"test/mse\W+([0-9.e-]+)", stdout)
+    assert match, stdout[-3000:]
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train=false"], "train=false with test=false does nothing"),
+        (["ckpt_path=last"], "To continue a run pass hydra.run.dir=<its folder>"),
+        (["ckpt_path=best"], "To continue a run pass hydra.run.dir=<its folder>"),
+        (["trainer.max_steps=null"], "training needs a positive trainer.max_steps"),
+        (["trainer.max_steps=-1"], "training needs a positive trainer.max_steps"),
+        (["train=false", "test=true", "hydra.run.dir=empty-run"], "train=false test=true needs trained weights"),
+    ],
+    ids=["nothing-to-do", "last", "best", "max_steps-null", "max_steps-minus-one", "test-without-weights"],
+)
+def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides, message, tmp_path, digits_cache):  # noqa: F811
+    result = train_py(*tiny_overrides("demo"), f"data.cache_dir={digits_cache}", *overrides, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert message in line
+    assert "Traceback" not in result.stderr
+    assert not list(tmp_path.rglob("*.ckpt")), "nothing trained"
+
+
+def test_an_epoch_limit_before_max_steps_is_named(tmp_path, digits_cache):  # noqa: F811
+    result = train_py(
+        *tiny_overrides("demo"),
+        f"data.cache_dir={digits_cache}",
+        "++data.samples_per_epoch=8",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=0",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainer.max_epochs=1 may stop training before trainer.max_steps=1000" in result.stdout + result.stderr
+
+
+def test_a_test_run_of_a_generator_is_refused_before_training(tiny_data, tmp_path):  # noqa: F811
+    experiment = sorted(generators.EXPERIMENTS)[0]
+    edits = generators.tiny_overrides(experiment, tiny_data, tmp_path)
+    with pytest.raises(ValueError, match="has no test loop"):
+        generators.run_experiment(experiment, edits, tmp_path, ("test=true",))
+    assert not list(tmp_path.rglob("*.ckpt")), "refused before training"
 
 
 # ----------------------------------------------------------------------------------- what a run folder holds
