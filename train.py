@@ -34,13 +34,14 @@ import hydra  # noqa: E402
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
 from datamodules.shards import SeveralSplitsError  # noqa: E402
-from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
+from titok_lightning.cli import CONFIG_ERRORS, MOVED_KEYS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
     RunFolderInUseError,
     RunLock,
@@ -106,6 +107,10 @@ def check_mandatory(cfg: DictConfig) -> None:
         raise MissingSettingError(f"mandatory settings are not set: {', '.join(missing)}; e.g. {command}")
 
 
+# Lightning's values for "off" of the settings that manual optimization cannot take (their keys: MOVED_KEYS)
+LIGHTNING_OFF = {"trainer.accumulate_grad_batches": 1, "trainer.gradient_clip_val": None}
+
+
 def check_run_settings(cfg: DictConfig) -> None:
     """Refuse in one line what Lightning would run wrongly or not at all: no optimizer-step count for the schedules,
     Lightning's ``last``/``best`` (a new run folder has neither), nothing to do; warn where an epoch or time limit
@@ -118,6 +123,12 @@ def check_run_settings(cfg: DictConfig) -> None:
             f"ckpt_path={cfg.ckpt_path}: Lightning looks for it in this start's run folder, which is new unless "
             "hydra.run.dir is given. To continue a run pass hydra.run.dir=<its folder> (its newest checkpoint is "
             "used), or give ckpt_path=<file.ckpt>"
+        )
+    moved = [key for key, unset in LIGHTNING_OFF.items() if cfg.trainer.get(key.split(".", 1)[1], unset) != unset]
+    if moved:
+        raise RunSettingError(
+            f"{', '.join(moved)}: these models optimize manually (GAN and EMA steps), so Lightning does not apply "
+            f"them; use {' and '.join(sorted({MOVED_KEYS[key] for key in moved}))}"
         )
     max_steps = cfg.trainer.get("max_steps")
     if train and (not isinstance(max_steps, int) or max_steps < 1):
@@ -350,6 +361,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise RunSettingError(f"test=true: {type(module).__name__} has no test loop (it is for tokenizers)")
     callbacks = instantiate_collection(cfg.get("callbacks"))
     loggers = instantiate_collection(cfg.get("logger"))
+    if not loggers:  # logger=none: the learning-rate monitor would refuse to start, having nowhere to write
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     hyperparameters = OmegaConf.to_container(job_config(cfg), resolve=True)
     callbacks.append(SaveConfig(hyperparameters, cfg.paths.checkpoint_dir))
     if cfg.get("train", True):

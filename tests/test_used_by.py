@@ -200,8 +200,23 @@ def tested_mse(stdout: str) -> float:
         (["trainer.max_steps=null"], "training needs a positive trainer.max_steps"),
         (["trainer.max_steps=-1"], "training needs a positive trainer.max_steps"),
         (["train=false", "test=true", "hydra.run.dir=empty-run"], "train=false test=true needs trained weights"),
+        (["trainer.accumulate_grad_batches=2"], "(did you mean model.accumulate_grad_batches?)"),
+        (["+trainer.accumulate_grad_batches=2"], "use model.accumulate_grad_batches"),
+        (["trainer.gradient_clip_val=1.0"], "(did you mean model.max_grad_norm?)"),
+        (["+trainer.gradient_clip_val=1.0"], "use model.max_grad_norm"),
     ],
-    ids=["nothing-to-do", "last", "best", "max_steps-null", "max_steps-minus-one", "test-without-weights"],
+    ids=[
+        "nothing-to-do",
+        "last",
+        "best",
+        "max_steps-null",
+        "max_steps-minus-one",
+        "test-without-weights",
+        "accumulate",
+        "accumulate-added",
+        "clip",
+        "clip-added",
+    ],
 )
 def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides, message, tmp_path, digits_cache):  # noqa: F811
     result = train_py(*tiny_overrides("demo"), f"data.cache_dir={digits_cache}", *overrides, cwd=tmp_path)
@@ -210,6 +225,21 @@ def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides,
     assert message in line
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("*.ckpt")), "nothing trained"
+
+
+def test_training_without_a_logger_runs(tmp_path, digits_cache):  # noqa: F811
+    result = train_py(
+        *tiny_overrides("demo"),
+        f"data.cache_dir={digits_cache}",
+        "logger=none",
+        "trainer.max_steps=2",
+        "trainer.limit_val_batches=0",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "csv").exists()
 
 
 def test_an_epoch_limit_before_max_steps_is_named(tmp_path, digits_cache):  # noqa: F811

@@ -24,9 +24,20 @@ USER_FULL_ERROR: str | None = os.environ.get("HYDRA_FULL_ERROR")
 CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
 
 
+# Lightning settings that this project's manual optimization takes from its own keys
+MOVED_KEYS = {
+    "trainer.accumulate_grad_batches": "model.accumulate_grad_batches",
+    "trainer.gradient_clip_val": "model.max_grad_norm",
+    "trainer.gradient_clip_algorithm": "model.max_grad_norm",
+}
+
+
 def close_keys(error: BaseException) -> list[str]:
-    """For an unknown config key (``trainer.max_step``): the existing keys beside it that it may be a typo of."""
+    """For an unknown config key (``trainer.max_step``): the existing keys beside it that it may be a typo of, or
+    the project's own key for a Lightning setting (``trainer.accumulate_grad_batches``)."""
     parent, key, full_key = (getattr(error, name, None) for name in ("parent_node", "key", "full_key"))
+    if full_key in MOVED_KEYS:
+        return [MOVED_KEYS[full_key]]
     if not isinstance(parent, DictConfig) or not isinstance(key, str) or not full_key or key in parent:
         return []
     prefix = full_key.removesuffix(key) if full_key.endswith(key) else ""
