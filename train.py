@@ -298,7 +298,7 @@ class SaveConfig(L.Callback):
         self.checkpoint_dir = Path(checkpoint_dir)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not trainer.fast_dev_run:  # a smoke run leaves a run's config as it was
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(OmegaConf.create(self.resolved_config), self.checkpoint_dir / "config.yaml")
 

@@ -185,6 +185,9 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._validated = _validation_follows(trainer)  # saving waits for the start of the next batch
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.fast_dev_run:  # Lightning's on_train_end would still write last.ckpt, of a 1-step smoke run
+            self._restore_handlers()
+            return
         super().on_train_end(trainer, pl_module)
         # max_steps ended the epoch early: a longer run resuming from here continues that epoch's batches
         loop = trainer.fit_loop.epoch_loop

@@ -242,6 +242,17 @@ def test_training_without_a_logger_runs(tmp_path, digits_cache):  # noqa: F811
     assert not (tmp_path / "run" / "csv").exists()
 
 
+def test_a_fast_dev_run_leaves_no_checkpoint_to_pick_up(tmp_path, digits_cache):  # noqa: F811
+    """Lightning's smoke run: "checkpointing is suppressed". A 1-step last.ckpt would be the README's "newest run"."""
+    result = train_py(
+        *tiny_overrides("demo"), f"data.cache_dir={digits_cache}", "trainer.fast_dev_run=true", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
+    assert (run_dir / "train.log").is_file()
+    assert not list(run_dir.rglob("*.ckpt")) and not (run_dir / "checkpoints" / "config.yaml").exists()
+
+
 def test_an_epoch_limit_before_max_steps_is_named(tmp_path, digits_cache):  # noqa: F811
     result = train_py(
         *tiny_overrides("demo"),
