@@ -37,7 +37,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
 from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
 from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
 from datamodules.shards import SeveralSplitsError  # noqa: E402
@@ -107,14 +107,24 @@ def check_mandatory(cfg: DictConfig) -> None:
         raise MissingSettingError(f"mandatory settings are not set: {', '.join(missing)}; e.g. {command}")
 
 
+def several_devices(devices: Any) -> bool:
+    """Whether ``trainer.devices`` asks for more than one process per node (-1: all devices; "auto": one here)."""
+    if isinstance(devices, ListConfig):
+        return len(devices) > 1
+    if isinstance(devices, str):
+        return "," in devices.strip(",") or (devices.strip().lstrip("-").isdigit() and int(devices) not in (0, 1))
+    return devices not in (0, 1)
+
+
 # Lightning's values for "off" of the settings that manual optimization cannot take (their keys: MOVED_KEYS)
 LIGHTNING_OFF = {"trainer.accumulate_grad_batches": 1, "trainer.gradient_clip_val": None}
 
 
 def check_run_settings(cfg: DictConfig) -> None:
     """Refuse in one line what Lightning would run wrongly or not at all: no optimizer-step count for the schedules,
-    Lightning's ``last``/``best`` (a new run folder has neither), nothing to do; warn where an epoch or time limit
-    ends training before the schedule does."""
+    Lightning's ``last``/``best`` (a new run folder has neither), nothing to do, Trainer settings that manual
+    optimization cannot take, several devices without the recipes' strategy; warn where an epoch or time limit ends
+    training before the schedule does."""
     train, test = cfg.get("train", True), cfg.get("test", False)
     if not train and not test:
         raise RunSettingError("train=false with test=false does nothing: add test=true ckpt_path=<file.ckpt>")
@@ -129,6 +139,13 @@ def check_run_settings(cfg: DictConfig) -> None:
         raise RunSettingError(
             f"{', '.join(moved)}: these models optimize manually (GAN and EMA steps), so Lightning does not apply "
             f"them; use {' and '.join(sorted({MOVED_KEYS[key] for key in moved}))}"
+        )
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if cfg.trainer.get("strategy") in (None, "auto") and (several_devices(devices) or nodes > 1):
+        raise RunSettingError(
+            f"trainer.devices={devices} trainer.num_nodes={nodes} without a strategy: Lightning's default DDP stops "
+            "at the parameters these models leave without gradients in a step (generator and discriminator take "
+            "turns); use trainer=ddp (trainer.accelerator=cpu for CPU processes) or trainer=fsdp"
         )
     max_steps = cfg.trainer.get("max_steps")
     if train and (not isinstance(max_steps, int) or max_steps < 1):

@@ -204,6 +204,8 @@ def tested_mse(stdout: str) -> float:
         (["+trainer.accumulate_grad_batches=2"], "use model.accumulate_grad_batches"),
         (["trainer.gradient_clip_val=1.0"], "(did you mean model.max_grad_norm?)"),
         (["+trainer.gradient_clip_val=1.0"], "use model.max_grad_norm"),
+        (["trainer.devices=2"], "without a strategy: Lightning's default DDP stops"),
+        (["trainer.num_nodes=2"], "without a strategy: Lightning's default DDP stops"),
     ],
     ids=[
         "nothing-to-do",
@@ -216,6 +218,8 @@ def tested_mse(stdout: str) -> float:
         "accumulate-added",
         "clip",
         "clip-added",
+        "devices",
+        "nodes",
     ],
 )
 def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides, message, tmp_path, digits_cache):  # noqa: F811
