@@ -116,6 +116,10 @@ def several_devices(devices: Any) -> bool:
     return devices not in (0, 1)
 
 
+# Lightning's names of the precisions these models train and evaluate in (fp32 weights; autocast where mixed)
+TRAINED_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+
+
 # Lightning's values for "off" of the settings that manual optimization cannot take (their keys: MOVED_KEYS)
 LIGHTNING_OFF = {"trainer.accumulate_grad_batches": 1, "trainer.gradient_clip_val": None}
 
@@ -123,8 +127,8 @@ LIGHTNING_OFF = {"trainer.accumulate_grad_batches": 1, "trainer.gradient_clip_va
 def check_run_settings(cfg: DictConfig) -> None:
     """Refuse in one line what Lightning would run wrongly or not at all: no optimizer-step count for the schedules,
     Lightning's ``last``/``best`` (a new run folder has neither), nothing to do, Trainer settings that manual
-    optimization cannot take, several devices without the recipes' strategy; warn where an epoch or time limit ends
-    training before the schedule does."""
+    optimization cannot take, several devices without the recipes' strategy, half or double precision weights;
+    warn where an epoch or time limit ends training before the schedule does."""
     train, test = cfg.get("train", True), cfg.get("test", False)
     if not train and not test:
         raise RunSettingError("train=false with test=false does nothing: add test=true ckpt_path=<file.ckpt>")
@@ -146,6 +150,12 @@ def check_run_settings(cfg: DictConfig) -> None:
             f"trainer.devices={devices} trainer.num_nodes={nodes} without a strategy: Lightning's default DDP stops "
             "at the parameters these models leave without gradients in a step (generator and discriminator take "
             "turns); use trainer=ddp (trainer.accelerator=cpu for CPU processes) or trainer=fsdp"
+        )
+    precision = str(cfg.trainer.get("precision", "32-true"))
+    if precision not in TRAINED_PRECISIONS:
+        raise RunSettingError(
+            f"trainer.precision={precision}: these models run their quantizers, losses and optimizer states in fp32; "
+            "use 32-true, bf16-mixed or 16-mixed"
         )
     max_steps = cfg.trainer.get("max_steps")
     if train and (not isinstance(max_steps, int) or max_steps < 1):

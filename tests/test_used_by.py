@@ -206,6 +206,8 @@ def tested_mse(stdout: str) -> float:
         (["+trainer.gradient_clip_val=1.0"], "use model.max_grad_norm"),
         (["trainer.devices=2"], "without a strategy: Lightning's default DDP stops"),
         (["trainer.num_nodes=2"], "without a strategy: Lightning's default DDP stops"),
+        (["trainer.precision=64-true"], "use 32-true, bf16-mixed or 16-mixed"),
+        (["trainer.precision=bf16-true"], "use 32-true, bf16-mixed or 16-mixed"),
     ],
     ids=[
         "nothing-to-do",
@@ -220,6 +222,8 @@ def tested_mse(stdout: str) -> float:
         "clip-added",
         "devices",
         "nodes",
+        "double",
+        "bf16-weights",
     ],
 )
 def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides, message, tmp_path, digits_cache):  # noqa: F811
