@@ -239,7 +239,8 @@ def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def check_resumed_settings(cfg: DictConfig, ckpt_path: str) -> None:
     """Compare this start's settings with those of the run that wrote ``ckpt_path`` (``config.yaml`` beside it):
-    refuse changed optimizer / schedule settings, say which other settings changed."""
+    refuse changed optimizer / schedule settings and a generator's changed tokenizer, say which other settings
+    changed."""
     previous_file = Path(ckpt_path).parent / "config.yaml"
     if not previous_file.is_file():
         return
@@ -251,6 +252,14 @@ def check_resumed_settings(cfg: DictConfig, ckpt_path: str) -> None:
         if previous.get(key) != current.get(key) and not key.startswith(NOT_COMPARED_ON_RESUME)
     ]
     described = {key: f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed}
+    if any(key.startswith("model.generator") for key in current):  # a generator is trained on its tokenizer's codes
+        other_codes = [described[key] for key in changed if key.startswith("model.tokenizer")]
+        if other_codes:
+            raise ChangedOnResumeError(
+                f"resuming {ckpt_path} with another tokenizer ({'; '.join(other_codes)}): the generator was trained "
+                "on the codes of the run's own tokenizer, which another one's token ids do not mean. Start a new run "
+                "folder (if the file only moved, give its old path or a link there)"
+            )
     refused = [described[key] for key in changed if key.startswith(RESTORED_ON_RESUME)]
     if refused:
         raise ChangedOnResumeError(

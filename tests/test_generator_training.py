@@ -6,6 +6,7 @@ extractor."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -570,22 +571,28 @@ def test_pretokenize_train_sample_resume(tmp_path):
     assert json.loads((tmp_path / "ten" / "train.json").read_text())["num_samples"] == 200
 
     # train the demo generator on them
-    train_cfg = compose_train(
-        [
+    def train_generator(tokenizer: Path) -> None:
+        settings = [
             "experiment=demo_generator",
-            f"model.tokenizer={ckpt}",
+            f"model.tokenizer={tokenizer}",
             f"data.train_shards={tmp_path / 'tokens'}",
             "data.batch_size=8",
             "trainer.max_steps=4",
             "trainer.val_check_interval=2",
             "model.sample_grid.every_n_steps=2",
             "callbacks.model_checkpoint.every_n_train_steps=2",
-        ],
-        tmp_path / "run",
-    )
-    apply(train_cfg, {"model.generator.hidden_size": 32, "model.generator.intermediate_size": 64})
-    train(train_cfg)
+        ]
+        train_cfg = compose_train(settings, tmp_path / "run")
+        apply(train_cfg, {"model.generator.hidden_size": 32, "model.generator.intermediate_size": 64})
+        train(train_cfg)
+
+    train_generator(ckpt)
     run = tmp_path / "run"
+    # its folder again with another tokenizer file: refused, the generator's token ids mean its own tokenizer's codes
+    other = tmp_path / "other-tokenizer.ckpt"
+    shutil.copy(ckpt, other)
+    with pytest.raises(ValueError, match="with another tokenizer"):
+        train_generator(other)
     assert sorted(p.name for p in run.rglob("generated_*.png")) == [
         "generated_step_0000002.png",
         "generated_step_0000004.png",
