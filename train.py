@@ -252,6 +252,11 @@ def check_resumed_settings(cfg: DictConfig, ckpt_path: str) -> None:
         if previous.get(key) != current.get(key) and not key.startswith(NOT_COMPARED_ON_RESUME)
     ]
     described = {key: f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed}
+    if previous.get("model._target_") != current.get("model._target_"):
+        raise ChangedOnResumeError(
+            f"{ckpt_path} is a checkpoint of {previous.get('model._target_')} (task {previous.get('task_name')}); "
+            f"this run trains {current.get('model._target_')}: give a checkpoint of this experiment"
+        )
     if any(key.startswith("model.generator") for key in current):  # a generator is trained on its tokenizer's codes
         other_codes = [described[key] for key in changed if key.startswith("model.tokenizer")]
         if other_codes:

@@ -390,3 +390,10 @@ def test_resuming_with_other_optimizer_settings_is_refused_and_other_changes_are
     output = finish(start(run_dir, digits_cache, "trainer.max_steps=18"))
     assert "resuming with a changed setting, trainer.max_steps: 12 -> 18 (the schedule is stretched" in output
     assert checkpoint(run_dir)["global_step"] == 18
+
+    # a checkpoint of another model: named as such, not as other optimizer settings
+    config = run_dir / "checkpoints" / "config.yaml"
+    config.write_text(config.read_text().replace("PixelTokenizerModule", "MaskGITModule"))
+    refused = subprocess.run(command(run_dir, digits_cache), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "MaskGITModule" in refused.stderr and "this run trains" in refused.stderr
