@@ -156,32 +156,17 @@ def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_ca
     (tested,) = trainer.test(hydra.utils.instantiate(cfg.model), datamodule=datamodule, ckpt_path=ckpt)
     assert tested["test/mse"] == expected[0]["val/mse"]  # the test loop reads the same held-out digits
 
-    # and as typed: train.py evaluating a checkpoint without training
-    result = train_py(
-        *tiny_overrides("demo"),
-        f"data.cache_dir={digits_cache}",
-        "train=false",
-        "test=true",
-        f"ckpt_path={ckpt}",
-        "+trainer.limit_test_batches=2",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    given = tested_mse(result.stdout)
-    assert given == pytest.approx(expected[0]["val/mse"], rel=1e-6), "the checkpoint's weights, not random ones"
+    # and as typed: train.py evaluating a checkpoint without training, given as a file or as its run folder (the
+    # folder's newest checkpoint, the same one here), never the untrained weights
+    for weights in (f"ckpt_path={ckpt}", f"hydra.run.dir={cfg.paths.output_dir}"):
+        result = tiny_demo(tmp_path, digits_cache, "train=false", "test=true", weights, "+trainer.limit_test_batches=2")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert tested_mse(result.stdout) == pytest.approx(expected[0]["val/mse"], rel=1e-6), weights
 
-    # the run folder instead of a file: its newest checkpoint (the same one here), not the untrained weights
-    result = train_py(
-        *tiny_overrides("demo"),
-        f"data.cache_dir={digits_cache}",
-        "train=false",
-        "test=true",
-        f"hydra.run.dir={cfg.paths.output_dir}",
-        "+trainer.limit_test_batches=2",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert tested_mse(result.stdout) == given
+
+def tiny_demo(tmp_path: Path, digits_cache: str, *overrides: str) -> subprocess.CompletedProcess:  # noqa: F811
+    """``python train.py`` of the demo experiment at test size on the embedded digits, in ``tmp_path``."""
+    return train_py(*tiny_overrides("demo"), f"data.cache_dir={digits_cache}", *overrides, cwd=tmp_path)
 
 
 def tested_mse(stdout: str) -> float:
@@ -227,7 +212,7 @@ def tested_mse(stdout: str) -> float:
     ],
 )
 def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides, message, tmp_path, digits_cache):  # noqa: F811
-    result = train_py(*tiny_overrides("demo"), f"data.cache_dir={digits_cache}", *overrides, cwd=tmp_path)
+    result = tiny_demo(tmp_path, digits_cache, *overrides)
     assert result.returncode == 1, result.stdout[-2000:]
     (line,) = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
     assert message in line
@@ -236,14 +221,8 @@ def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides,
 
 
 def test_training_without_a_logger_runs(tmp_path, digits_cache):  # noqa: F811
-    result = train_py(
-        *tiny_overrides("demo"),
-        f"data.cache_dir={digits_cache}",
-        "logger=none",
-        "trainer.max_steps=2",
-        "trainer.limit_val_batches=0",
-        "hydra.run.dir=run",
-        cwd=tmp_path,
+    result = tiny_demo(
+        tmp_path, digits_cache, "logger=none", "trainer.max_steps=2", "trainer.limit_val_batches=0", "hydra.run.dir=run"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
@@ -252,9 +231,7 @@ def test_training_without_a_logger_runs(tmp_path, digits_cache):  # noqa: F811
 
 def test_a_fast_dev_run_leaves_no_checkpoint_to_pick_up(tmp_path, digits_cache):  # noqa: F811
     """Lightning's smoke run: "checkpointing is suppressed". A 1-step last.ckpt would be the README's "newest run"."""
-    result = train_py(
-        *tiny_overrides("demo"), f"data.cache_dir={digits_cache}", "trainer.fast_dev_run=true", cwd=tmp_path
-    )
+    result = tiny_demo(tmp_path, digits_cache, "trainer.fast_dev_run=true")
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = (tmp_path / "outputs" / "demo" / "runs").iterdir()
     assert (run_dir / "train.log").is_file()
@@ -262,13 +239,8 @@ def test_a_fast_dev_run_leaves_no_checkpoint_to_pick_up(tmp_path, digits_cache):
 
 
 def test_an_epoch_limit_before_max_steps_is_named(tmp_path, digits_cache):  # noqa: F811
-    result = train_py(
-        *tiny_overrides("demo"),
-        f"data.cache_dir={digits_cache}",
-        "++data.samples_per_epoch=8",
-        "trainer.max_epochs=1",
-        "trainer.limit_val_batches=0",
-        cwd=tmp_path,
+    result = tiny_demo(
+        tmp_path, digits_cache, "++data.samples_per_epoch=8", "trainer.max_epochs=1", "trainer.limit_val_batches=0"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trainer.max_epochs=1 may stop training before trainer.max_steps=1000" in result.stdout + result.stderr
