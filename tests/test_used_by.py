@@ -161,7 +161,7 @@ def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_ca
     for weights in (f"ckpt_path={ckpt}", f"hydra.run.dir={cfg.paths.output_dir}"):
         result = tiny_demo(tmp_path, digits_cache, "train=false", "test=true", weights, "+trainer.limit_test_batches=2")
         assert result.returncode == 0, result.stderr[-3000:]
-        assert tested_mse(result.stdout) == pytest.approx(expected[0]["val/mse"], rel=1e-6), weights
+        assert mse_printed_by_test(result.stdout) == pytest.approx(expected[0]["val/mse"], rel=1e-6), weights
 
 
 def tiny_demo(tmp_path: Path, digits_cache: str, *overrides: str) -> subprocess.CompletedProcess:  # noqa: F811
@@ -169,7 +169,7 @@ def tiny_demo(tmp_path: Path, digits_cache: str, *overrides: str) -> subprocess.
     return train_py(*tiny_overrides("demo"), f"data.cache_dir={digits_cache}", *overrides, cwd=tmp_path)
 
 
-def tested_mse(stdout: str) -> float:
+def mse_printed_by_test(stdout: str) -> float:
     """``test/mse`` from the table Lightning prints after ``trainer.test``."""
     match = re.search(r"test/mse\W+([0-9.e-]+)", stdout)
     assert match, stdout[-3000:]
