@@ -179,17 +179,23 @@ def checkpoint_to_test(cfg: DictConfig) -> str:
     weights."""
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
-    folders = [folder for folder in (cfg.paths.checkpoint_dir, cfg.paths.output_dir) if Path(folder).is_dir()]
-    found, problems = find_resume_checkpoint(folders)
-    for problem in problems:
-        log.warning(problem)
+    found = newest_checkpoint(cfg.paths.checkpoint_dir, cfg.paths.output_dir)
     if found is None:
         raise RunSettingError(
             "train=false test=true needs trained weights: give ckpt_path=<file.ckpt>, or hydra.run.dir=<a run "
             f"folder with checkpoints> ({cfg.paths.checkpoint_dir} has none)"
         )
     log.info("testing %s", found)
-    return str(found)
+    return found
+
+
+def newest_checkpoint(*folders: str) -> str | None:
+    """The newest readable checkpoint of a run's ``folders`` by recorded step, whatever its kind (``last``,
+    ``step_*``, SLURM ``hpc_ckpt_*``), saying which newer files were unreadable."""
+    found, problems = find_resume_checkpoint(folder for folder in folders if Path(folder).is_dir())
+    for problem in problems:
+        log.warning(problem)
+    return None if found is None else str(found)
 
 
 def route_lightning_logs() -> None:
@@ -278,21 +284,17 @@ def check_resumed_settings(cfg: DictConfig, ckpt_path: str) -> None:
 
 
 def resolve_ckpt_path(cfg: DictConfig, trainer: L.Trainer) -> str | None:
-    """Explicit ``ckpt_path`` wins; otherwise resume from the run folder's newest readable checkpoint by recorded
-    step, whatever its kind (``last``, ``step_*``, SLURM ``hpc_ckpt_*``), saying which newer files were unreadable.
-    Either way the settings are compared with the resumed run's (:func:`check_resumed_settings`)."""
+    """Explicit ``ckpt_path`` wins; otherwise resume from the run folder's :func:`newest_checkpoint`. Either way the
+    settings are compared with the resumed run's (:func:`check_resumed_settings`)."""
     if cfg.get("ckpt_path"):
         check_resumed_settings(cfg, str(cfg.ckpt_path))
         return str(cfg.ckpt_path)
-    folders = [cfg.paths.checkpoint_dir, trainer.default_root_dir]
-    found, problems = find_resume_checkpoint(folder for folder in folders if Path(folder).is_dir())
-    for problem in problems:
-        log.warning(problem)
+    found = newest_checkpoint(cfg.paths.checkpoint_dir, trainer.default_root_dir)
     if found is None:
         return None
     log.info("resuming from %s", found)
-    check_resumed_settings(cfg, str(found))
-    return str(found)
+    check_resumed_settings(cfg, found)
+    return found
 
 
 def resume_command(cfg: DictConfig) -> str:
