@@ -198,6 +198,17 @@ def newest_checkpoint(*folders: str) -> str | None:
     return None if found is None else str(found)
 
 
+def instantiate_datamodule(cfg: DictConfig, module: L.LightningModule) -> L.LightningDataModule:
+    """``cfg.data`` with training batches of the module's ``accumulate_grad_batches`` micro-batches of
+    ``data.batch_size`` samples (the reference's per-GPU batch): one training batch per optimizer step, which the
+    module splits (see ``titok_lightning.lit.base``). Evaluation batches keep their size."""
+    micro_batches, micro_batch_size = getattr(module, "accumulate_grad_batches", 1), cfg.data.batch_size
+    if micro_batches == 1 or not isinstance(micro_batch_size, int):  # (the datamodule names a wrong batch_size)
+        return hydra.utils.instantiate(cfg.data)
+    val_batch_size = cfg.data.get("val_batch_size") or micro_batch_size
+    return hydra.utils.instantiate(cfg.data, batch_size=micro_batch_size * micro_batches, val_batch_size=val_batch_size)
+
+
 def route_lightning_logs() -> None:
     """Lightning, imported before Hydra configured logging, logs to its own console handler only; give its loggers
     the root logger's file handlers too, so that train.log holds Lightning's messages next to the project's."""
@@ -398,8 +409,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("float32_matmul_precision"):
         torch.set_float32_matmul_precision(cfg.float32_matmul_precision)
 
-    datamodule = hydra.utils.instantiate(cfg.data)
     module = hydra.utils.instantiate(cfg.model)
+    datamodule = instantiate_datamodule(cfg, module)
     if cfg.get("test", False) and not is_overridden("test_step", module):  # before training, not after it
         raise RunSettingError(f"test=true: {type(module).__name__} has no test loop (it is for tokenizers)")
     callbacks = instantiate_collection(cfg.get("callbacks"))

@@ -251,6 +251,36 @@ def test_ddp_run_stopped_by_one_rank_then_killed_on_both_ranks_resumes_exactly(t
     assert len(states) == len(checkpoint(run_dir)["rng_states"]) == 2  # each rank's data position and random state
 
 
+def logged_steps(run_dir: Path) -> list[tuple[int, list[str]]]:
+    """(step, the metrics written) of every row of csv/metrics.csv."""
+    return [(int(row["step"]), sorted(key for key, value in row.items() if value)) for row in metric_rows(run_dir)]
+
+
+def test_an_accumulating_run_counts_optimizer_steps_and_a_sigterm_saves_between_them(reference, tmp_path, digits_cache):  # noqa: E501,F811
+    """model.accumulate_grad_batches=2: the run validates, logs, checkpoints and draws images at the optimizer steps
+    where a run without accumulation does; SIGTERM saves between optimizer steps (never part of an accumulated
+    step), and the resumed run ends exactly as an uninterrupted one."""
+    accumulate = "model.accumulate_grad_batches=2"
+    uninterrupted = tmp_path / "uninterrupted"
+    finish(start(uninterrupted, digits_cache, accumulate))
+    assert checkpoint(uninterrupted)["global_step"] == 35
+    assert logged_steps(uninterrupted) == logged_steps(reference)
+    for folder in ("checkpoints", "csv/images"):
+        assert sorted(p.name for p in (uninterrupted / folder).iterdir()) == sorted(
+            p.name for p in (reference / folder).iterdir()
+        ), folder
+
+    run_dir = tmp_path / "run"
+    process = start(run_dir, digits_cache, accumulate)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_00000012.ckpt").exists(), process, "step 12")
+    os.killpg(process.pid, signal.SIGTERM)
+    output = finish(process, expected_rc=128 + signal.SIGTERM)
+    stopped_at = checkpoint(run_dir)["global_step"]
+    assert 12 <= stopped_at < 35 and f"SIGTERM: saved {run_dir / 'checkpoints' / 'last.ckpt'}" in output
+    finish(start(run_dir, digits_cache, accumulate))
+    assert_same_run(run_dir, uninterrupted)
+
+
 @pytest.mark.parametrize("source, num_workers", [("shards", 0), ("shards", 2), ("jsonl", 2)])
 def test_loader_continues_mid_epoch_from_its_saved_position(tmp_path, source, num_workers):
     from tests.test_datamodules import _class_samples, _write

@@ -19,7 +19,7 @@ from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train
 from titok_lightning.lit.base import NonFiniteLossError
 from titok_lightning.loading import build_model, load_model_state_dict, load_pretrained
 from titok_lightning.overrides import set_overrides
-from train import train
+from train import instantiate_datamodule, train
 
 TINY_VIT = {
     "image_size": 32,
@@ -282,7 +282,7 @@ def _train_two_cpu_processes(run_dir: Path, digits_cache: str, *overrides: str) 
 
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(tmp_path, digits_cache):
     # validation swaps the sharded EMA in and out; accumulation skips the gradient sync of the first micro-batch
-    steps = ["trainer.max_steps=4", "trainer.val_check_interval=8", "model.accumulate_grad_batches=2"]
+    steps = ["trainer.max_steps=4", "trainer.val_check_interval=4", "model.accumulate_grad_batches=2"]
     fsdp, output = _train_two_cpu_processes(tmp_path / "fsdp", digits_cache, "trainer=fsdp", *steps)
     assert "FSDP: 'model': 2 blocks sharded over 2 ranks, other layers replicated" in output
     ddp, _ = _train_two_cpu_processes(tmp_path / "ddp", digits_cache, "trainer=ddp_sim", *steps)
@@ -319,7 +319,7 @@ def _demo_module_and_trainer(tmp_path, digits_cache, *overrides):
         enable_checkpointing=False,
         enable_progress_bar=False,
     )
-    return module, trainer, hydra.utils.instantiate(cfg.data)
+    return module, trainer, instantiate_datamodule(cfg, module)
 
 
 def _poison(module) -> None:
@@ -400,13 +400,25 @@ def test_cuda_16_mixed_steps_never_make_the_host_wait(tmp_path, digits_cache):
     assert trainer.global_step == 8
 
 
-def test_gradient_accumulation_counts_optimizer_steps(tmp_path, digits_cache):
-    module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.accumulate_grad_batches=3")
-    trainer.fit(module, datamodule=data)
-    assert trainer.global_step == 2
-    assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 6
-    model_schedule = trainer.lr_scheduler_configs[0].scheduler
-    assert model_schedule.last_epoch == 2  # the schedule advances once per optimizer step
+def test_gradient_accumulation_steps_once_per_batch_of_micro_batches(tmp_path, digits_cache):
+    # 3 micro-batches of 4 against one batch of 12: the same samples (the loader's batch is 12 either way), the same
+    # mean gradient, so the same weights; one Lightning batch per optimizer step
+    runs = {}
+    for micro_batches, batch_size in ((3, 4), (1, 12)):
+        overrides = [f"model.accumulate_grad_batches={micro_batches}", f"data.batch_size={batch_size}"]
+        overrides.append("model.scheduler.warmup_steps=1")  # the second step at full learning rate
+        L.seed_everything(0)
+        module, trainer, data = _demo_module_and_trainer(tmp_path / str(micro_batches), digits_cache, *overrides)
+        initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+        trainer.fit(module, datamodule=data)
+        assert data.batch_size == 12
+        assert trainer.global_step == 2
+        assert trainer.fit_loop.epoch_loop.batch_progress.total.completed == 2
+        assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 2  # the schedule advances once per step
+        runs[micro_batches] = module.model.state_dict()
+    assert max((runs[1][k] - value).abs().max().item() for k, value in initial.items()) > 1e-3
+    for key, value in runs[1].items():
+        torch.testing.assert_close(runs[3][key], value, rtol=1e-5, atol=1e-6)
 
 
 def test_compile_option_keeps_state_dict_keys_and_trains(tmp_path, digits_cache):

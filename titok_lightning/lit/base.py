@@ -5,8 +5,11 @@ Manual optimization with one AdamW per *role* (``"model"`` always; GAN modules a
 - ``trainer.global_step`` counts optimizer steps of the ``"model"`` role only (the discriminator's steps
   go through the strategy directly so they do not advance it), so ``max_steps``, ``discriminator_start``
   and checkpoint intervals mean what they mean in the reference;
-- gradient accumulation over ``accumulate_grad_batches`` micro-batches (DDP syncs only the last one);
-  schedules are counted in optimizer steps;
+- gradient accumulation: one training batch is one optimizer step; ``training_step`` splits it into
+  ``accumulate_grad_batches`` equal micro-batches (``train.py`` makes training batches that large), runs
+  :meth:`micro_step` on each and steps the optimizers after the last (DDP syncs only the last one). Lightning's
+  batch counters (log and validation intervals, the logged step, the saved data position, where a stop signal
+  saves) therefore count optimizer steps, as the reference's do; schedules are counted in optimizer steps;
 - gradient clipping and the grad-norm log happen in ``on_before_optimizer_step``, i.e. after the
   GradScaler has unscaled the gradients (16-mixed) and, under FSDP, with the global norm over all shards;
 - under ``trainer=fsdp`` the trainable networks shard their transformer blocks in ``configure_model``;
@@ -16,7 +19,7 @@ Manual optimization with one AdamW per *role* (``"model"`` always; GAN modules a
 - frozen helper networks (teacher, perceptual net, text encoder) stay in eval mode, get no gradients,
   and are left out of checkpoints: they are rebuilt from their own weight source.
 
-Subclasses set ``self.model`` (the trainable network, the EMA target), implement ``training_step`` with
+Subclasses set ``self.model`` (the trainable network, the EMA target), implement :meth:`micro_step` with
 ``with self.optimizing(role): ...; self.backward_and_step(role, loss)``, and may extend
 :meth:`optimizer_roles`.
 """
@@ -56,6 +59,29 @@ class OptimizerRole:
     start_step: int = 0
 
 
+def samples_in(batch: Mapping[str, Any]) -> int:
+    """Samples in a batch of per-sample fields (tensors and lists, as the datamodules collate them)."""
+    sizes = {len(value) for value in batch.values()}
+    if len(sizes) != 1:
+        lengths = {name: len(value) for name, value in batch.items()}
+        raise ValueError(f"the fields of a batch hold different numbers of samples: {lengths}")
+    return sizes.pop()
+
+
+def split_batch(batch: Mapping[str, Any], parts: int) -> list[Mapping[str, Any]]:
+    """``batch`` as ``parts`` equal consecutive micro-batches (views of its tensors)."""
+    if parts == 1:
+        return [batch]
+    total = samples_in(batch)
+    if total % parts:
+        raise ValueError(
+            f"a training batch of {total} samples does not split into accumulate_grad_batches={parts} equal "
+            f"micro-batches: give the module batches of {parts} x the micro-batch size (train.py does so)"
+        )
+    size = total // parts
+    return [{name: value[i * size : (i + 1) * size] for name, value in batch.items()} for i in range(parts)]
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/inf; raised before the optimizer step, so weights and EMA are intact."""
 
@@ -68,7 +94,7 @@ class TrainingModule(L.LightningModule):
             ``discriminator_lr`` too).
         scheduler: ``{name: cosine|constant, warmup_steps, end_lr}``; the total is ``trainer.max_steps``.
         max_grad_norm: clip each role's gradient norm to this value (``None``: measure only).
-        accumulate_grad_batches: micro-batches per optimizer step.
+        accumulate_grad_batches: micro-batches per optimizer step (a training batch holds this many).
         nonfinite: ``"raise"`` or ``"skip"`` (see module docstring).
         nonfinite_max_consecutive: under ``"skip"``, stop (raise) after this many skipped steps in a row.
         compile_modules: submodules of ``self.model`` (dotted names) to ``torch.compile`` in place when fitting
@@ -119,6 +145,7 @@ class TrainingModule(L.LightningModule):
         self._role_index: dict[str, int] = {}
         self._role_of_optimizer: dict[int, str] = {}
         self._last_losses: dict[str, Any] = {}
+        self._completes_step = True  # whether the running micro-batch is its batch's last
         self._batch_starts: deque[tuple[float, int]] = deque()  # (host time, batch size) of recent batches
         self._sharded = False
         self._compiled = False
@@ -249,12 +276,22 @@ class TrainingModule(L.LightningModule):
         schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
         return schedulers[self._role_index[role]]
 
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """One optimizer step per role: :meth:`micro_step` on each of the batch's ``accumulate_grad_batches``
+        micro-batches, the optimizers stepping in the last."""
+        micro_batches = split_batch(batch, self.accumulate_grad_batches)
+        for index, micro_batch in enumerate(micro_batches):
+            self._completes_step = index == len(micro_batches) - 1
+            self.micro_step(micro_batch)
+        self.log_throughput(samples_in(batch))
+
+    def micro_step(self, batch: Mapping[str, Any]) -> None:
+        """Forward and backward of one micro-batch for every role (subclasses implement)."""
+        raise NotImplementedError
+
     def at_accumulation_boundary(self) -> bool:
-        """True on the micro-batch that completes an accumulation window (or the epoch's last batch)."""
-        if self.accumulate_grad_batches == 1:
-            return True
-        done = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return done % self.accumulate_grad_batches == 0 or self.trainer.is_last_batch
+        """True in the micro-batch that completes the optimizer step (the batch's last)."""
+        return self._completes_step
 
     @contextmanager
     def optimizing(self, role: str) -> Iterator[None]:

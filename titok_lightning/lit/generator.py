@@ -243,14 +243,12 @@ class GeneratorModule(TrainingModule):
         """Step-dependent state (RAR's randomness) set before the forward; returns values to log."""
         return {}
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def micro_step(self, batch: Mapping[str, Any]) -> None:
         extra = self.before_training_step()
         with self.optimizing("model"):
             loss, logs = self.loss_terms(batch)
             self.backward_and_step("model", loss, logs)
-        batch_size = _batch_size(batch)
-        self.log_losses("train", {**logs, **extra}, batch_size, prog_bar=("loss",))
-        self.log_throughput(batch_size)
+        self.log_losses("train", {**logs, **extra}, _batch_size(batch), prog_bar=("loss",))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         # the same masks / orders / label drops at every validation run, so the curve compares like with like

@@ -118,7 +118,7 @@ class TiTokStage1Module(TokenizerModule):
         self.loss = Stage1Loss(**plain(loss))
         _check_proxy_targets(self.model, self.teacher)
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def micro_step(self, batch: Mapping[str, Any]) -> None:
         images = batch["image"]
         target_codes = proxy_codes(self.teacher, images, self.teacher_dtype, self.teacher_channels_last)
         with self.optimizing("model"):
@@ -126,7 +126,6 @@ class TiTokStage1Module(TokenizerModule):
             loss, logs = self.loss(target_codes, logits, info)
             self.backward_and_step("model", loss, logs)
         self.log_losses("train", logs, len(images), prog_bar=("total_loss",))
-        self.log_throughput(len(images))
 
     def reconstruct(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
         logits, info = self.model(batch["image"])
@@ -211,7 +210,7 @@ class PixelTokenizerModule(TokenizerModule):
         """Extra inputs of ``self.model(images, *extra)`` (TA-TiTok: text features)."""
         return ()
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+    def micro_step(self, batch: Mapping[str, Any]) -> None:
         images = batch["image"]
         step = self.global_step  # both losses see the step of this batch (the model's step advances it)
         context = self.decoder_inputs(batch)
@@ -225,7 +224,6 @@ class PixelTokenizerModule(TokenizerModule):
                 self.backward_and_step("discriminator", d_loss, d_logs)
             logs = {**logs, **d_logs}
         self.log_losses("train", logs, len(images), prog_bar=("total_loss", "reconstruction_loss"))
-        self.log_throughput(len(images))
 
     def reconstruct(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Any]:
         return self.model(batch["image"], *self.decoder_inputs(batch))
