@@ -605,8 +605,10 @@ class ShardedDataModule(L.LightningDataModule):
         world_size: int | None = None,
     ):
         super().__init__()
-        if batch_size < 1 or (val_batch_size is not None and val_batch_size < 1):
-            raise ValueError(f"batch sizes must be positive, got {batch_size} / {val_batch_size}")
+        sizes = {"batch_size": batch_size, "val_batch_size": 1 if val_batch_size is None else val_batch_size}
+        for name, size in sizes.items():  # a typo on the command line (batch_size=abc) arrives as a string
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive integer, got {size!r}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if (rank is None) != (world_size is None):
@@ -724,8 +726,11 @@ class ShardedDataModule(L.LightningDataModule):
         return EpochPartition(self.train_urls, self.train_counts, readers, self.stream_seed, self.skip_counter)
 
     def _consumed(self) -> tuple[int, int]:
-        """(epoch, batches of it the trainer finished): the training data's position in a checkpoint."""
-        return self.trainer.current_epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        """(epoch, batches of it the trainer finished): the training data's position in a checkpoint. Under
+        ``trainer.overfit_batches`` every epoch is the data's epoch 0, so each one repeats the same first batches
+        (Lightning can only turn off a sampler's shuffling; this stream reshuffles by epoch)."""
+        epoch = 0 if self.trainer.overfit_batches else self.trainer.current_epoch
+        return epoch, self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     # ---- loaders ---------------------------------------------------------------------------------
 

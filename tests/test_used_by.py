@@ -6,6 +6,7 @@ dependencies, the demo from another working directory."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -159,7 +160,7 @@ def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_ca
     # and as typed: train.py evaluating a checkpoint without training, given as a file or as its run folder (the
     # folder's newest checkpoint, the same one here), never the untrained weights
     for weights in (f"ckpt_path={ckpt}", f"hydra.run.dir={cfg.paths.output_dir}"):
-        result = tiny_demo(tmp_path, digits_cache, "train=false", "test=true", weights, "+trainer.limit_test_batches=2")
+        result = tiny_demo(tmp_path, digits_cache, "train=false", "test=true", weights, "trainer.limit_test_batches=2")
         assert result.returncode == 0, result.stderr[-3000:]
         assert mse_printed_by_test(result.stdout) == pytest.approx(expected[0]["val/mse"], rel=1e-6), weights
 
@@ -246,6 +247,33 @@ def test_an_epoch_limit_before_max_steps_is_named(tmp_path, digits_cache):  # no
     assert "trainer.max_epochs=1 may stop training before trainer.max_steps=1000" in result.stdout + result.stderr
 
 
+class BatchDigests(L.Callback):
+    """Writes ``epoch batch_idx digest`` of every training batch's images to ``path`` (one line each)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        digest = hashlib.md5(batch["image"].cpu().numpy().tobytes()).hexdigest()
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(f"{trainer.current_epoch} {batch_idx} {digest}\n")
+
+
+def test_debug_overfit_trains_on_the_same_batches_every_epoch(tmp_path, digits_cache):  # noqa: F811
+    digests = tmp_path / "batches.txt"
+    callback = f"+callbacks.digests={{_target_:tests.test_used_by.BatchDigests,path:{digests}}}"
+    steps = ["trainer.max_steps=6", "trainer.limit_val_batches=1"]
+    result = tiny_demo(tmp_path, digits_cache, "debug=overfit", *steps, callback)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen: dict[str, set[str]] = {}
+    for line in digests.read_text().splitlines():
+        _, batch_idx, digest = line.split()
+        seen.setdefault(batch_idx, set()).add(digest)
+    assert sorted(seen) == ["0", "1"] and len(digests.read_text().splitlines()) == 6  # 3 epochs of 2 batches
+    assert all(len(digest) == 1 for digest in seen.values()), seen  # each epoch the same two batches
+    assert seen["0"] != seen["1"]
+
+
 def test_a_test_run_of_a_generator_is_refused_before_training(tiny_data, tmp_path):  # noqa: F811
     experiment = sorted(generators.EXPERIMENTS)[0]
     edits = generators.tiny_overrides(experiment, tiny_data, tmp_path)
@@ -299,11 +327,12 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
     ("overrides", "message"),
     [
         (["model.optimizer.lr=abc"], "train.py: error: model: optimizer.lr must be a number, got 'abc'"),
+        (["data.batch_size=abc"], "train.py: error: data: batch_size must be a positive integer, got 'abc'"),
         (["experiment=nope"], "train.py: error: In 'train': Could not find 'experiment/nope'; Available options in"),
         (  # a mistyped key: Hydra's advice to append it with + would only fail later, in Trainer(...)
             ["trainer.max_step=1"],
             "train.py: error: Could not override 'trainer.max_step'. To append to your config use "
-            "+trainer.max_step=1 (did you mean trainer.max_steps or trainer.max_epochs?)",
+            "+trainer.max_step=1 (did you mean trainer.max_steps or trainer.max_time or trainer.max_epochs?)",
         ),
         (  # the unknown key lies inside the override's value: named, with where it is
             ["experiment=maskgen_vq_l_stage1", "model.text_encoder={model_name:x,text_cfg:{width:32}}"],
