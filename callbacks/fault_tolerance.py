@@ -15,7 +15,8 @@
   the failing batch's in-place buffer updates and random draws are undone, and if an optimizer already stepped
   within it nothing is saved (never a half step). Parameters a forward pass rewrites in place (the clustering
   quantizer's codebook refresh) keep the failing batch's rewrite;
-- ``last.ckpt`` at the final step when training ends, whatever the periodic interval;
+- ``last.ckpt`` at the final step when training ends, whatever the periodic interval (a longer run in the same folder
+  continues from it exactly, also when training ended with an epoch);
 - the loggers flushed with every checkpoint, and on resume the rows a killed run logged after its checkpoint dropped
   (``ResumableCSVLogger``), so the metrics file reads as if the run had never stopped.
 """
@@ -74,6 +75,7 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._previous_handlers: dict[int, Any] = {}
         self._validated = False  # whether validation ran after the last complete batch
         self._saving_between_batches = False
+        self._saving_after_the_epoch = False  # training ended with an epoch's last batch
         self._rng_to_restore: dict[str, Any] | None = None
         self._resumed = False
         self._optimizer_steps = 0
@@ -189,15 +191,16 @@ class ResumableCheckpoint(ModelCheckpoint):
             self._restore_handlers()
             return
         super().on_train_end(trainer, pl_module)
-        # max_steps ended the epoch early: a longer run resuming from here continues that epoch's batches
+        # a longer run resuming from here continues the epoch's batches (max_steps ended it early) or the next epoch
         loop = trainer.fit_loop.epoch_loop
         self._saving_between_batches = loop.batch_progress.current.processed < trainer.num_training_batches
+        self._saving_after_the_epoch = not self._saving_between_batches
         try:
             super().on_train_batch_end(trainer, pl_module, None, None, 0)  # the last step's periodic checkpoint
             if not self._should_skip_saving_checkpoint(trainer):  # the final weights, whatever the interval
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
-            self._saving_between_batches = False
+            self._saving_between_batches = self._saving_after_the_epoch = False
         self._restore_handlers()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -268,6 +271,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         checkpoint["rng_states"] = states
         if self._saving_between_batches:
             _as_if_saved_after_the_previous_batch(checkpoint, self._validated)
+        elif self._saving_after_the_epoch:
+            _as_if_saved_as_the_next_epoch_starts(checkpoint, self._validated)
         for logger in trainer.loggers:
             logger.save()
 
@@ -316,6 +321,20 @@ def _as_if_saved_after_the_previous_batch(checkpoint: dict[str, Any], validated:
     steps = loop["epoch_loop.manual_optimization.optim_step_progress"]
     for counters in (steps["total"], steps["current"]):
         counters["ready"] = counters["completed"]  # an optimizer step that raised was never taken
+
+
+def _as_if_saved_as_the_next_epoch_starts(checkpoint: dict[str, Any], validated: bool) -> None:
+    """Loop counters of a checkpoint written when training ended with an epoch's last batch, rewritten to those of
+    the same step's checkpoint in a longer run (written as the next epoch's first batch starts). Lightning, resuming
+    the finished epoch's counters, would count that epoch once more and start the data of the one after it."""
+    loop = checkpoint["loops"]["fit_loop"]
+    for counters in (loop["epoch_progress"]["total"], loop["epoch_progress"]["current"]):
+        counters.update(ready=counters["completed"] + 1, started=counters["completed"] + 1)
+    progress = loop["epoch_loop.batch_progress"]
+    progress["current"].update(ready=0, started=0, processed=0, completed=0)
+    progress["is_last_batch"] = False
+    if validated:  # as in _as_if_saved_after_the_previous_batch
+        loop["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
 
 
 def _rng_state() -> dict[str, Any]:

@@ -215,6 +215,22 @@ def test_faults_one_after_another_each_resume_exactly(reference, tmp_path, digit
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.parametrize("validated", [False, True])
+def test_a_run_ended_with_an_epoch_and_extended_ends_as_one_run(validated, reference, tmp_path, digits_cache):  # noqa: F811
+    """Training to max_steps=12 (the end of the first epoch; with validation at that step or not), then in the same
+    folder to the recipe's 35 steps, the user's "train longer": the tensors and metrics of one 35-step run. Resuming
+    the finished epoch's counters, Lightning counted that epoch again and the data skipped one."""
+    settings = ["trainer.val_check_interval=6"] if validated else []
+    if validated:
+        reference = tmp_path / "reference"
+        finish(start(reference, digits_cache, *settings))
+    run_dir = tmp_path / "run"
+    finish(start(run_dir, digits_cache, "trainer.max_steps=12", *settings))
+    assert checkpoint(run_dir)["global_step"] == 12
+    finish(start(run_dir, digits_cache, *settings))
+    assert_same_run(run_dir, reference)
+
+
 def train_py_children(process: subprocess.Popen) -> list[int]:
     """The other ranks' processes that Lightning's DDP launcher started from this one (``python train.py ...``)."""
     children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
