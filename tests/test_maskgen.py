@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from titok_lightning.convert import CheckpointMismatchError
+from titok_lightning.lit.optim import build_adamw, uses_weight_decay
 from titok_lightning.models.diffusion import GaussianDiffusion, cosine_betas, space_timesteps
 from titok_lightning.models.maskgen import (
     DiffLoss,
@@ -395,3 +397,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(tokens, condition, pooled, 6.0).logsumexp(-1).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("make", [tiny_vq, tiny_kl])
+def test_weight_decay_follows_the_reference_rule_on_the_reference_names(make):
+    # the reference decays cond_pooled_proj (VQ), text_emb and text_pooled_emb (KL): names without "embed", whereas
+    # ours (transformer.*_embed) contain it
+    model = make()
+    _, decay = build_adamw(model, lr=1e-3, weight_decay=0.1).param_groups
+    decayed = {id(p) for p in decay["params"]}
+    seen, checked = set(), []
+    # renamed keys keep their tensor objects; tensors the conversion splits or joins are not parameters there
+    for name, tensor in type(model).to_reference_state_dict(model.state_dict(keep_vars=True)).items():
+        if isinstance(tensor, nn.Parameter) and id(tensor) not in seen:  # a tied table: its first name, as the
+            seen.add(id(tensor))  # reference's named_parameters()
+            assert (id(tensor) in decayed) == uses_weight_decay(name, tensor), name
+            checked.append(name)
+    projections = ["text_embed_proj.weight", "cond_pooled_proj.weight"] if make is tiny_vq else ["text_emb.weight"]
+    assert set(projections) <= set(checked) and len(checked) > 20

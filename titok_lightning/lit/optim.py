@@ -7,7 +7,7 @@ gradient accumulation does not stretch warm-up or decay.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -25,11 +25,16 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim >= 2 and not any(part in name for part in NO_DECAY_NAME_PARTS)
 
 
-def adamw_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
+def adamw_param_groups(
+    named_parameters: Iterable[tuple[str, nn.Parameter]],
+    weight_decay: float,
+    reference_name: Callable[[str], str] | None = None,
+) -> list[dict]:
     """Two AdamW groups over the trainable parameters: ``[no decay, decay]`` (reference order).
 
-    Frozen parameters (``requires_grad=False``) are left out; a parameter shared under two names is
-    counted once.
+    The reference's rule is a rule on its own parameter names: ``reference_name`` maps ours to them where they
+    differ (a model's ``reference_parameter_name``). Frozen parameters (``requires_grad=False``) are left out; a
+    parameter shared under two names is counted once.
     """
     seen: set[int] = set()
     no_decay, decay = [], []
@@ -37,6 +42,7 @@ def adamw_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], wei
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
+        name = reference_name(name) if reference_name is not None else name
         (decay if uses_weight_decay(name, param) else no_decay).append(param)
     if not no_decay and not decay:
         raise ValueError("no trainable parameters for the optimizer (everything has requires_grad=False)")
@@ -78,7 +84,8 @@ def build_adamw(
     """
     if len(betas) != 2:
         raise ValueError(f"betas must have two values, got {list(betas)}")
-    groups = split_sharded_groups(adamw_param_groups(module.named_parameters(), weight_decay))
+    reference_name = getattr(module, "reference_parameter_name", None)
+    groups = split_sharded_groups(adamw_param_groups(module.named_parameters(), weight_decay, reference_name))
     fused = fused_adamw_applies((p for group in groups for p in group["params"]), precision)
     return torch.optim.AdamW(groups, lr=lr, betas=(float(betas[0]), float(betas[1])), eps=eps, fused=fused)
 

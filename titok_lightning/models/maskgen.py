@@ -74,6 +74,7 @@ class _TextConditionedGenerator(FromReferenceConfig, nn.Module):
     """Text-conditioning helpers shared by both generators (``self.transformer`` is an :class:`MMDiT`)."""
 
     transformer: MMDiT
+    REFERENCE_NAMES: list[tuple[str, str]]  # (reference name, ours) where they differ outside the MM-DiT blocks
     micro_condition: bool
     micro_condition_embed_dim: int
     text_drop_prob: float
@@ -81,6 +82,13 @@ class _TextConditionedGenerator(FromReferenceConfig, nn.Module):
 
     def encode_micro_condition(self, aesthetic_score: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def reference_parameter_name(self, name: str) -> str:
+        """The reference's name of parameter ``name`` where the two differ in what its weight-decay rule reads: the
+        text projections (the reference decays ``cond_pooled_proj``, ``text_emb``, ``text_pooled_emb``; ours are all
+        called ``*_embed``, a name it exempts)."""
+        (renamed,) = rename_keys({name: None}, name_rules(self.REFERENCE_NAMES, to_reference=True))
+        return renamed
 
     def pooled_condition(
         self, condition_pooled: torch.Tensor, aesthetic_score: torch.Tensor | float | None = None
@@ -209,6 +217,8 @@ class MaskGenVQ(_TextConditionedGenerator):
     for checkpoint compatibility). With ``weight_tying`` the output head reuses the first
     ``codebook_size`` embedding rows.
     """
+
+    REFERENCE_NAMES = _VQ_NAMES
 
     def __init__(
         self,
@@ -561,6 +571,8 @@ class MaskGenKL(_TextConditionedGenerator):
     Latents are handled as [B, N, C] after multiplication by ``scale_factor``; the tokenizer's layout
     is [B, C, 1, N] (see :meth:`latents_from_posterior` and :meth:`tokens_from_latents`).
     """
+
+    REFERENCE_NAMES = _KL_NAMES
 
     def __init__(
         self,
