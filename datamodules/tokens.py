@@ -152,10 +152,27 @@ def _to_tensor(tokens: np.ndarray, token_dtype: str | None) -> torch.Tensor:
     return torch.from_numpy(tokens.astype(np.float32))
 
 
+# the openings the reference strips from a re-caption (data/webdataset_reader.py, process_recap_text)
+RECAPTION_OPENINGS = tuple(f"The image {verb}" for verb in ("depicts", "displays", "showcases", "features", "shows"))
+
+
+def recaption(raw: bytes) -> str:
+    """A sample's ``recap_txt`` as the reference trains on it: without an opening "The image depicts/shows/...",
+    then capitalised."""
+    text = raw.decode("utf-8").strip()
+    for opening in RECAPTION_OPENINGS:
+        if text.startswith(opening):
+            text = text[len(opening) :].strip()
+            return text[:1].upper() + text[1:]
+    return text
+
+
 class TokenSampleDecoder:
     """Raw token-shard sample -> {"tokens", "class_id" | "text", ["aesthetic_score"], "key"}.
 
-    Every sample of one worker must have the same token shape (a mismatch is a corrupt sample).
+    Every sample of one worker must have the same token shape (a mismatch is a corrupt sample). With
+    ``recaption_prob`` a sample's ``recap_txt``, when it has one, replaces its caption with that probability (drawn from
+    the torch generator, which the training stream seeds per sample).
     """
 
     def __init__(
@@ -165,12 +182,14 @@ class TokenSampleDecoder:
         tokens_shape: Sequence[int] | None,
         raw_token_dtype: str,
         with_aesthetic_score: bool,
+        recaption_prob: float = 0.0,
     ):
         self.label_key = label_key
         self.token_dtype = token_dtype
         self.tokens_shape = tuple(tokens_shape) if tokens_shape is not None else None
         self.raw_token_dtype = raw_token_dtype
         self.with_aesthetic_score = with_aesthetic_score
+        self.recaption_prob = recaption_prob
         self._shape_seen: tuple[int, ...] | None = None
 
     @staticmethod
@@ -197,6 +216,8 @@ class TokenSampleDecoder:
         elif tokens.shape != self._shape_seen:
             raise ValueError(f"token shape {tokens.shape} differs from earlier samples' {self._shape_seen}")
         decoded = {"tokens": _to_tensor(tokens, self.token_dtype), **decode_label(sample, self.label_key)}
+        if "text" in decoded and "recap_txt" in sample and float(torch.rand(())) < self.recaption_prob:
+            decoded["text"] = recaption(sample["recap_txt"])
         if self.with_aesthetic_score:
             decoded["aesthetic_score"] = self._aesthetic_score(sample)
         decoded["key"] = sample["__key__"]
@@ -257,6 +278,8 @@ class TokenDataModule(ShardedDataModule):
             [2 * token_size, num_tokens] for MaskGen-KL moments); None keeps the stored shape.
         raw_token_dtype: dtype of headerless token buffers (the reference writes float16).
         with_aesthetic_score: add batch["aesthetic_score"] (samples without one are skipped and counted).
+        recaption_prob: in training, the probability that a sample's re-caption (``recap_txt``, when it has one)
+            replaces its caption, as the reference's text-to-image reader does (0.95 there; see `recaption`).
         Others (batch_size, num_workers, samples_per_epoch, seed, rank, world_size, ...): as ImageDataModule.
     """
 
@@ -270,6 +293,7 @@ class TokenDataModule(ShardedDataModule):
         tokens_shape: Sequence[int] | None = None,
         raw_token_dtype: str = "float16",
         with_aesthetic_score: bool = False,
+        recaption_prob: float = 0.0,
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 4,
@@ -309,14 +333,24 @@ class TokenDataModule(ShardedDataModule):
         self.tokens_shape = list(tokens_shape) if tokens_shape is not None else None
         self.raw_token_dtype = raw_token_dtype
         self.with_aesthetic_score = with_aesthetic_score
+        if not 0.0 <= recaption_prob <= 1.0:
+            raise ValueError(f"recaption_prob must be in [0, 1], got {recaption_prob!r}")
+        self.recaption_prob = recaption_prob
         self.train_jsonl_dataset: PretokenizedJsonl | None = None
 
-    def _decoder(self) -> SampleDecoder:
+    def _decoder(self, recaption_prob: float = 0.0) -> SampleDecoder:
         return TokenSampleDecoder(
-            self.label_key, self.token_dtype, self.tokens_shape, self.raw_token_dtype, self.with_aesthetic_score
+            self.label_key,
+            self.token_dtype,
+            self.tokens_shape,
+            self.raw_token_dtype,
+            self.with_aesthetic_score,
+            recaption_prob,
         )
 
-    train_decoder = _decoder
+    def train_decoder(self) -> SampleDecoder:
+        return self._decoder(self.recaption_prob)
+
     val_decoder = _decoder
 
     def _has_other_train_source(self) -> bool:

@@ -25,7 +25,7 @@ from datamodules.convert import main as convert_main
 from datamodules.digits import DigitsDataModule, load_digits_arrays, prepare_digits
 from datamodules.images import ImageDataModule
 from datamodules.shards import count_samples, resolve_shards
-from datamodules.tokens import PretokenizedJsonl, TokenDataModule, write_token_shards
+from datamodules.tokens import PretokenizedJsonl, TokenDataModule, _npy_bytes, recaption, write_token_shards
 from datamodules.transforms import decode_image, eval_transform, train_transform
 
 # ---- helpers -------------------------------------------------------------------------------------------
@@ -559,6 +559,45 @@ def test_reference_style_token_shards_headerless_float16(tmp_path):
     (batch,) = list(dm.val_dataloader())
     assert torch.equal(batch["tokens"], torch.from_numpy(ids.astype(np.int64).reshape(4, 3, 4)))
     assert batch["aesthetic_score"].tolist() == [6.0, 7.0, 8.0, 9.0]
+
+
+def test_recaption_strips_the_reference_openings_and_capitalises():
+    assert recaption(b"The image depicts a cat on a mat.") == "A cat on a mat."
+    assert recaption(b"  The image shows   two dogs ") == "Two dogs"
+    assert recaption(b"The image features") == ""
+    assert recaption(b"A photo of the image depicts") == "A photo of the image depicts"  # only an opening
+
+
+def test_training_captions_are_replaced_by_recaptions_with_the_set_probability(tmp_path):
+    ids = np.arange(4, dtype=np.int64)
+    samples = [
+        {
+            "__key__": f"r{i:03d}",
+            "tokens.npy": _npy_bytes(ids),
+            "txt": f"alt {i}",
+            "recap_txt": f"The image shows item {i}",
+        }
+        for i in range(200)
+    ] + [{"__key__": f"p{i}", "tokens.npy": _npy_bytes(ids), "txt": f"plain {i}"} for i in range(40)]
+    shards = _write(tmp_path, "cap", samples, 60)
+
+    def captions(split: str, seed: int = 0) -> dict[str, str]:
+        dm = TokenDataModule(
+            train_shards=shards, val_shards=shards, label_key="txt", recaption_prob=0.9, seed=seed, num_workers=0,
+            batch_size=8, rank=0, world_size=1,
+        )  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        return {key: text for batch in loader for key, text in zip(batch["key"], batch["text"])}
+
+    train = captions("train")
+    assert len(train) == 240
+    recaptioned = [key for key, text in train.items() if text.startswith("Item ")]
+    assert all(train[key] == f"Item {key[1:].lstrip('0') or '0'}" for key in recaptioned)
+    assert 0.8 < len(recaptioned) / 200 < 0.97  # drawn per sample (0.9); never for samples without a re-caption
+    assert all(train[f"p{i}"] == f"plain {i}" for i in range(40))
+    assert captions("train") == train and captions("train", seed=1) != train  # reproducible, seeded
+    assert all(text.startswith(("alt ", "plain ")) for text in captions("val").values())  # evaluation: the captions
 
 
 def test_pretokenized_jsonl_dataset_and_datamodule(tmp_path):

@@ -176,6 +176,9 @@ def test_experiment_reproduces_reference_recipe(experiment):
         assert generator["num_tokens"] == vq["num_latent_tokens"]
         assert model.sampling.guidance_scale == mg["cfg"] and model.sampling.num_steps == mg["num_iter"]
         assert data.label_key == "txt" and data.with_aesthetic_score == mg["micro_condition"]
+        preprocessing = ref["dataset"]["preprocessing"]  # the reference reader's re-caption defaults
+        recaption = preprocessing.get("use_recap_prob", 0.95) if preprocessing.get("preproc_recap", True) else 0.0
+        assert data.recaption_prob == recaption
         assert OmegaConf.is_missing(data, "train_shards")
         assert OmegaConf.is_missing(model, "init_from") == ("init_weight" in exp)
         assert model.text_encoder.model_name == "ViT-L-14-336" and model.text_encoder.pretrained == "openai"
