@@ -371,17 +371,22 @@ def mean_image_baseline(datamodule: L.LightningDataModule) -> float | None:
 def report(
     cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule, logged: bool = True
 ) -> dict[str, float]:
-    """Validate the final (EMA) weights and compare the reconstruction MSE with the mean-image baseline.
-    ``logged=False`` keeps the validation out of the loggers (a rerun of a finished run: its row is there already)."""
+    """Validate the final (EMA) weights on every held-out image and compare the reconstruction MSE with the mean-image
+    baseline (skipped when validation is off, ``trainer.limit_val_batches=0``). It is logged as the last ``val/mse``
+    unless ``logged=False`` (a rerun of a finished run: its row is there already) or the run's validations saw only
+    ``limit_val_batches`` batches (the curve would end with a value of another set)."""
     baseline = mean_image_baseline(datamodule) if cfg.get("report_baseline") else None
-    if baseline is None:
+    limit = trainer.limit_val_batches
+    if baseline is None or limit == 0:
         return {}
     loggers = trainer.loggers
-    trainer.loggers = loggers if logged else []
+    every_batch = isinstance(limit, float) and limit == 1.0  # (the int 1 is one batch)
+    trainer.loggers = loggers if logged and every_batch else []
+    trainer.limit_val_batches = 1.0
     try:
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
-        trainer.loggers = loggers
+        trainer.loggers, trainer.limit_val_batches = loggers, limit
     if not results or "val/mse" not in results[0]:  # validation disabled (limit_val_batches=0)
         return {}
     mse = float(results[0]["val/mse"])

@@ -6,6 +6,7 @@ dependencies, the demo from another working directory."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import inspect
 import json
@@ -257,6 +258,20 @@ class BatchDigests(L.Callback):
         digest = hashlib.md5(batch["image"].cpu().numpy().tobytes()).hexdigest()
         with open(self.path, "a", encoding="utf-8") as file:
             file.write(f"{trainer.current_epoch} {batch_idx} {digest}\n")
+
+
+def test_the_final_report_covers_every_held_out_image_whatever_limit_val_batches(tmp_path, digits_cache):  # noqa: F811
+    # the report's MSE (final_metrics.json) against the test loop's on the same final weights and held-out digits;
+    # the run's own validations see one batch, and their val/mse curve does not end with the report's value
+    limits = ["trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.limit_val_batches=1"]
+    result = tiny_demo(tmp_path, digits_cache, *limits, "test=true", "hydra.run.dir=run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert report["val_mse"] == pytest.approx(mse_printed_by_test(result.stdout), rel=1e-6)
+    logged = [
+        row["val/mse"] for row in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if row["val/mse"]
+    ]
+    assert len(logged) == 1 and float(logged[0]) != pytest.approx(report["val_mse"], rel=1e-6)
 
 
 def test_debug_overfit_trains_on_the_same_batches_every_epoch(tmp_path, digits_cache):  # noqa: F811
