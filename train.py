@@ -387,7 +387,7 @@ def report(
         results = trainer.validate(module, datamodule=datamodule, verbose=False)
     finally:
         trainer.loggers, trainer.limit_val_batches = loggers, limit
-    if not results or "val/mse" not in results[0]:  # validation disabled (limit_val_batches=0)
+    if not results or "val/mse" not in results[0]:  # no held-out data
         return {}
     mse = float(results[0]["val/mse"])
     metrics = {"val_mse": mse, "mean_image_mse": baseline, "ratio": mse / baseline}

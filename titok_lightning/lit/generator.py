@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.utils import make_grid, save_image
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, TokenizerSource, load_frozen_tokenizer
-from titok_lightning.lit.base import TrainingModule
+from titok_lightning.lit.base import TrainingModule, samples_in
 from titok_lightning.loading import build_model, load_weights, plain
 from titok_lightning.losses import ARLoss, MLMLoss
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
@@ -248,13 +248,13 @@ class GeneratorModule(TrainingModule):
         with self.optimizing("model"):
             loss, logs = self.loss_terms(batch)
             self.backward_and_step("model", loss, logs)
-        self.log_losses("train", {**logs, **extra}, _batch_size(batch), prog_bar=("loss",))
+        self.log_losses("train", {**logs, **extra}, samples_in(batch), prog_bar=("loss",))
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         # the same masks / orders / label drops at every validation run, so the curve compares like with like
         generator = torch.Generator(self.device).manual_seed(batch_idx)
         _, logs = self.loss_terms(batch, generator)
-        self.log_losses("val", logs, _batch_size(batch))
+        self.log_losses("val", logs, samples_in(batch))
 
     # --------------------------------------------------------------------------------------- sample grids
     def grid_conditions(self) -> torch.Tensor | list[str]:
@@ -342,11 +342,6 @@ def check_sampling(generator: nn.Module, sampling: Mapping[str, Any], key: str) 
             f"{key}: {unknown} are not settings of {type(generator).__name__}'s sampler; it takes "
             f"{sorted(sampler_settings(generator))}"
         )
-
-
-def _batch_size(batch: Mapping[str, Any]) -> int:
-    first = batch["tokens"] if "tokens" in batch else batch["image"]
-    return int(first.shape[0])
 
 
 def _absolute_paths(spec: Any) -> Any:
