@@ -477,6 +477,32 @@ def test_fused_adamw_under_a_grad_scaler_clips_unscaled_gradients(tmp_path, digi
         torch.testing.assert_close(fused_weights[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_a_step_the_grad_scaler_skips_leaves_the_lr_schedule_where_it_is(tmp_path, digits_cache):
+    # 16-mixed (explicit plugin, as above): a first scale of 1e30 overflows the fp16 backward of step 1, the scaler
+    # skips it and backs off to 1e4, and the 3 steps after it apply. The reference's scheduler (accelerate's) only
+    # advances on applied steps: 3, while the trainer counts 4 steps.
+    from lightning.pytorch.plugins import MixedPrecision
+
+    L.seed_everything(0)
+    module, _, data = _demo_module_and_trainer(tmp_path, digits_cache)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1e30, backoff_factor=1e-26)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=data)
+    assert scaler.get_scale() == pytest.approx(1e4), "exactly one step overflowed and was skipped"
+    assert trainer.global_step == 4
+    schedule = module.lr_schedulers()[0]  # the model's (the discriminator's comes second)
+    assert schedule.last_epoch == 3
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(schedule.lr_lambdas[0](3) * schedule.base_lrs[0])
+
+
 def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
     module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encodr]")
     with pytest.raises(ValueError, match=r"'encodr' is not a submodule.*encoder.*decoder"):

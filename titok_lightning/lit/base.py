@@ -315,12 +315,18 @@ class TrainingModule(L.LightningModule):
             return False
         opt = self._optimizer(role)
         self._role_of_optimizer[id(opt.optimizer)] = role
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = scaler.get_scale() if scaler is not None else None
         if role == "model":
             opt.step()  # advances trainer.global_step
         else:
             # Same precision/strategy path as LightningOptimizer.step, without counting a global step.
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
         opt.zero_grad(set_to_none=True)
+        # 16-mixed: the GradScaler shrinks its scale exactly when it skipped the step (inf/nan gradients). The
+        # schedule then stays where it is, as the reference's (accelerate's) does; one host sync, fp16 only.
+        if scaler is not None and scaler.get_scale() < scale:
+            return False
         self._scheduler(role).step()
         return True
 
