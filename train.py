@@ -174,6 +174,32 @@ def check_run_settings(cfg: DictConfig) -> None:
         )
 
 
+def check_global_batch(cfg: DictConfig, world_size: int) -> None:
+    """Warn where a training start's global batch is not the one its recipe was tuned for in the reference (whose
+    learning rate does not scale with the batch), with the settings that reach it."""
+    reference = cfg.get("reference_global_batch")
+    if not reference or not cfg.get("train", True):
+        return
+    batch, accumulate = cfg.data.batch_size, cfg.model.get("accumulate_grad_batches", 1)
+    if batch * accumulate * world_size == reference:
+        return
+    ways = []
+    if reference % (batch * accumulate) == 0:
+        ways.append(f"{reference // (batch * accumulate)} processes (trainer.devices x trainer.num_nodes)")
+    if reference % (batch * world_size) == 0:
+        ways.append(f"model.accumulate_grad_batches={reference // (batch * world_size)} on {world_size} process(es)")
+    log.warning(
+        "global batch %d (data.batch_size=%d x model.accumulate_grad_batches=%d x %d process(es)) is not the %d the "
+        "recipe's learning rate, warm-up and steps are set for%s",
+        batch * accumulate * world_size,
+        batch,
+        accumulate,
+        world_size,
+        reference,
+        f": use {' or '.join(ways)}" if ways else "",
+    )
+
+
 def checkpoint_to_test(cfg: DictConfig) -> str:
     """``ckpt_path``, else the run folder's newest readable checkpoint (``hydra.run.dir=<run>``); never the untrained
     weights."""
@@ -431,6 +457,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if isinstance(callback, ResumableCheckpoint):
                 callback.resume_command = command
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        check_global_batch(cfg, trainer.world_size)
 
     ckpt_path = resolve_ckpt_path(cfg, trainer) if cfg.get("train", True) else None
     if cfg.get("train", True) and ckpt_path is None:

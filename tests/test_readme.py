@@ -74,6 +74,10 @@ def test_every_block_is_run_or_marked_and_every_command_composes_as_printed(tmp_
                 cfg = compose_job(script.removesuffix(".py"), job, tmp_path)
                 if script == "train.py":
                     check_mandatory(cfg)  # the command gives every mandatory setting
+                if script == "train.py" and cfg.get("reference_global_batch"):  # a recipe, trained as the reference
+                    processes = cfg.trainer.devices * cfg.trainer.num_nodes
+                    batch = cfg.data.batch_size * cfg.model.accumulate_grad_batches * processes
+                    assert batch == cfg.reference_global_batch, f"{args}: global batch {batch}"
                 for override in job:  # brace patterns reach the datamodule unexpanded and unquoted
                     key, _, value = override.partition("=")
                     if key.startswith("data.") and "{" in value:

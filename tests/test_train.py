@@ -257,6 +257,27 @@ def test_ddp_spawn_two_cpu_processes_agree(tmp_path, digits_cache):
         torch.testing.assert_close(rank1[key], value, rtol=0, atol=0)
 
 
+def test_a_start_off_the_recipes_global_batch_says_how_to_reach_it(tmp_path, digits_cache):
+    # experiment=titok_b64 (the reference's 8 GPUs x 32 = 256) at tiny size: batch 4 on one process warns with both
+    # ways to reach 256; 32 x 4 accumulated x 2 DDP processes is 256 and says nothing
+    def start(run_dir: Path, *overrides: str) -> str:
+        command = [sys.executable, "train.py", *tiny_overrides("titok_b64"), f"data.cache_dir={digits_cache}"]
+        command += ["trainer.max_steps=1", "trainer.limit_val_batches=0", "report_baseline=false"]
+        command += [f"hydra.run.dir={run_dir}", *overrides]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        return result.stdout + result.stderr
+
+    warned = start(tmp_path / "one")
+    assert (
+        "global batch 4 (data.batch_size=4 x model.accumulate_grad_batches=1 x 1 process(es)) is not the 256 the "
+        "recipe's learning rate, warm-up and steps are set for: use 64 processes (trainer.devices x trainer.num_nodes) "
+        "or model.accumulate_grad_batches=64 on 1 process(es)"
+    ) in warned
+    reached = start(tmp_path / "two", "data.batch_size=32", "model.accumulate_grad_batches=4", "trainer=ddp_sim")
+    assert "global batch" not in reached
+
+
 # ------------------------------------------------------------------------------------------------------ FSDP
 def _train_two_cpu_processes(run_dir: Path, digits_cache: str, *overrides: str) -> tuple[dict, str]:
     """train.py in a subprocess (the FSDP strategy launches its other rank by re-running the command)."""
@@ -500,7 +521,8 @@ def test_a_step_the_grad_scaler_skips_leaves_the_lr_schedule_where_it_is(tmp_pat
     assert trainer.global_step == 4
     schedule = module.lr_schedulers()[0]  # the model's (the discriminator's comes second)
     assert schedule.last_epoch == 3
-    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(schedule.lr_lambdas[0](3) * schedule.base_lrs[0])
+    lr = trainer.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(schedule.lr_lambdas[0](3) * schedule.base_lrs[0])
 
 
 def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
