@@ -16,7 +16,7 @@ from titok_lightning.lit.optim import (
     uses_weight_decay,
 )
 from titok_lightning.registry import create_model
-from titok_lightning.schedules import lr_lambda
+from titok_lightning.schedules import build_lr_scheduler, lr_lambda
 
 
 def test_weight_decay_groups_follow_the_reference_rule():
@@ -67,7 +67,13 @@ def test_discriminator_schedule_starts_at_its_own_step_with_the_model_shape():
     model_lr, disc_lr, end_lr, warmup, total = 1e-4, 2e-4, 1e-5, 5, 50
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(2, 2))], lr=disc_lr)
     schedule = build_scheduler(
-        optimizer, total_steps=total, name="cosine", warmup_steps=warmup, end_lr=end_lr, base_lr=model_lr
+        optimizer,
+        total_steps=total + 7,
+        start_step=7,
+        name="cosine",
+        warmup_steps=warmup,
+        end_lr=end_lr,
+        base_lr=model_lr,
     )
     rates = []
     for _ in range(total + 1):
@@ -78,6 +84,40 @@ def test_discriminator_schedule_starts_at_its_own_step_with_the_model_shape():
         expected = disc_lr * lr_lambda(step, "cosine", warmup, total, model_lr, end_lr)
         assert math.isclose(rate, expected, rel_tol=1e-12)
     assert rates[0] == 0.0 and math.isclose(rates[warmup], disc_lr) and math.isclose(rates[-1], disc_lr * 0.1)
+
+
+def test_schedules_count_as_the_reference_on_as_many_processes():
+    # the reference (accelerate) sizes its schedules in process-steps, max_steps x P (a discriminator's less its
+    # start, unscaled) with warm-up x P, and steps them P times per optimizer step: replayed with a LambdaLR of one
+    # process's schedule stepped P times
+    processes, total, start, warmup = 4, 60, 20, 5
+    for start_step in (0, start):
+        ours_opt, reference_opt = (torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=2e-4) for _ in range(2))
+        settings = {"name": "cosine", "end_lr": 1e-5, "base_lr": 1e-4}
+        ours = build_scheduler(
+            ours_opt, total_steps=total, start_step=start_step, processes=processes, warmup_steps=warmup, **settings
+        )
+        reference = build_lr_scheduler(
+            reference_opt, warmup_steps=warmup * processes, total_steps=total * processes - start_step, **settings
+        )
+        single = build_scheduler(
+            torch.optim.AdamW([nn.Parameter(torch.zeros(2))], lr=2e-4),
+            total_steps=total,
+            start_step=start_step,
+            warmup_steps=warmup,
+            **settings,
+        )
+        for _ in range(total - start_step):
+            assert ours_opt.param_groups[0]["lr"] == reference_opt.param_groups[0]["lr"]
+            ours.step()
+            single.step()
+            for _ in range(processes):
+                reference.step()
+        if start_step == 0:  # from step 0 the process count cancels
+            assert math.isclose(ours.get_last_lr()[0], single.get_last_lr()[0], rel_tol=1e-12)
+        else:  # a discriminator's ends higher: its start is not scaled (one process ends at end_lr)
+            assert math.isclose(single.get_last_lr()[0], 2e-4 * 0.1, rel_tol=1e-9)
+            assert ours.get_last_lr()[0] > 2 * single.get_last_lr()[0]
 
 
 def test_fused_adamw_for_cuda_parameters_also_under_a_grad_scaler(monkeypatch):

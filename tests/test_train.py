@@ -19,6 +19,7 @@ from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train
 from titok_lightning.lit.base import NonFiniteLossError
 from titok_lightning.loading import build_model, load_model_state_dict, load_pretrained
 from titok_lightning.overrides import set_overrides
+from titok_lightning.schedules import lr_lambda
 from train import instantiate_datamodule, train
 
 TINY_VIT = {
@@ -276,6 +277,26 @@ def test_a_start_off_the_recipes_global_batch_says_how_to_reach_it(tmp_path, dig
     ) in warned
     reached = start(tmp_path / "two", "data.batch_size=32", "model.accumulate_grad_batches=4", "trainer=ddp_sim")
     assert "global batch" not in reached
+
+
+def test_a_discriminator_schedule_on_two_processes_is_the_references_on_two(tmp_path, digits_cache):
+    # the reference's discriminator schedule spans max_steps x P - discriminator_start process-steps, P per step
+    # (see test_optim); train.py on 2 DDP processes builds it for P = 2
+    overrides = [*tiny_overrides("titok_b64_stage2"), "trainer=ddp_sim", "trainer.max_steps=6"]
+    overrides += ["model.loss.discriminator_start=2", "model.scheduler.warmup_steps=1", "trainer.limit_val_batches=0"]
+    cfg, _ = run([*overrides, "report_baseline=false"], tmp_path, digits_cache)
+    checkpoint = torch.load(Path(cfg.paths.checkpoint_dir) / "last.ckpt", weights_only=True)
+    model_schedule, disc_schedule = checkpoint["lr_schedulers"]
+    assert (model_schedule["last_epoch"], disc_schedule["last_epoch"]) == (6, 4)
+    scheduler = cfg.model.scheduler
+    for state, start, lr in (
+        (model_schedule, 0, cfg.model.optimizer.lr),
+        (disc_schedule, 2, cfg.model.optimizer.discriminator_lr),
+    ):
+        factor = lr_lambda(
+            state["last_epoch"] * 2, "cosine", 2, 6 * 2 - start, cfg.model.optimizer.lr, scheduler.end_lr
+        )
+        assert state["_last_lr"][0] == pytest.approx(lr * factor, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------ FSDP

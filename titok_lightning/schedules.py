@@ -41,15 +41,19 @@ def build_lr_scheduler(
     total_steps: int = 1,
     base_lr: float | None = None,
     end_lr: float = 0.0,
+    steps_per_call: int = 1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over ``optimizer`` following :func:`lr_lambda`, stepped once per optimizer step.
 
     ``base_lr`` defaults to the lr of the optimizer's first parameter group; pass it explicitly when
     the optimizer runs at another lr but should share the schedule's shape (the reference scales the
-    discriminator's lr by the generator's ``base_lr`` / ``end_lr`` multipliers).
+    discriminator's lr by the generator's ``base_lr`` / ``end_lr`` multipliers). Each step advances
+    ``steps_per_call`` steps of :func:`lr_lambda` (the reference's accelerate scheduler advances once per process).
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown lr schedule {name!r}; choose one of {SCHEDULES}")
+    if steps_per_call < 1:
+        raise ValueError(f"need steps_per_call >= 1, got {steps_per_call}")
     if warmup_steps < 0 or total_steps < 1:
         raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup_steps} and {total_steps}")
     if base_lr is None:
@@ -59,4 +63,6 @@ def build_lr_scheduler(
     schedule = functools.partial(
         lr_lambda, name=name, warmup_steps=warmup_steps, total_steps=total_steps, base_lr=base_lr, end_lr=end_lr
     )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if steps_per_call == 1:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step * steps_per_call))

@@ -257,7 +257,9 @@ class TrainingModule(L.LightningModule):
             opt = build_adamw(role.module, lr=role.lr, precision=self.trainer.precision, **adamw)
             sched = build_scheduler(
                 opt,
-                total_steps=max(1, total_steps - role.start_step),
+                total_steps=total_steps,
+                start_step=role.start_step,
+                processes=self.trainer.world_size,
                 base_lr=float(self.optimizer_cfg["lr"]),  # the reference shapes every schedule with the model's lr
                 **self.scheduler_cfg,
             )

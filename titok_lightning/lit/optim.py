@@ -109,11 +109,17 @@ def build_scheduler(
     warmup_steps: int = 0,
     end_lr: float = 0.0,
     base_lr: float | None = None,
+    start_step: int = 0,
+    processes: int = 1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up + cosine/constant schedule stepped once per optimizer step (see ``titok_lightning.schedules``).
+    """Warm-up + cosine/constant schedule stepped once per optimizer step (see ``titok_lightning.schedules``),
+    for an optimizer that steps from ``start_step`` (a discriminator) to ``total_steps``.
 
     ``base_lr`` is the rate whose multipliers are applied (defaults to the optimizer's lr); the
     reference runs the discriminator's schedule with the generator's ``base_lr`` / ``end_lr``.
+    The schedule is counted as the reference's run on as many ``processes`` counts it: warm-up and length times the
+    number of processes, less the (unscaled) start, advanced once per process at each step. For a schedule from
+    step 0 the processes cancel; a discriminator's ends where the reference's on that many processes does.
     """
     if total_steps < 1:
         raise ValueError(
@@ -121,5 +127,11 @@ def build_scheduler(
             "set trainer.max_steps"
         )
     return build_lr_scheduler(
-        optimizer, name=name, warmup_steps=warmup_steps, total_steps=total_steps, base_lr=base_lr, end_lr=end_lr
+        optimizer,
+        name=name,
+        warmup_steps=warmup_steps * processes,
+        total_steps=max(1, total_steps * processes - start_step),
+        base_lr=base_lr,
+        end_lr=end_lr,
+        steps_per_call=processes,
     )
