@@ -21,8 +21,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from titok_lightning.lit.sharding import release_gathered_parameters
 from titok_lightning.loading import EMA_STATE_KEY
-from titok_lightning.tensors import full_tensor, local_tensor, shard_of
+from titok_lightning.tensors import full_tensor, is_sharded, local_tensor, shard_of
 
 
 class EMACallback(Callback):
@@ -63,6 +64,7 @@ class EMACallback(Callback):
         self.num_updates = 0  # k above
         self._last_global_step = 0
         self._params: list[torch.nn.Parameter] = []
+        self._model: torch.nn.Module | None = None  # pl_module.model, whose FSDP blocks a swap reshards
         self._ema: list[torch.Tensor] | None = None
         self._ema_from_checkpoint: list[torch.Tensor] | None = None
         self._raw_backup: list[torch.Tensor] | None = None  # training weights while the EMA is swapped in
@@ -112,6 +114,7 @@ class EMACallback(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After the strategy moved the model to its device (and after a checkpoint was restored).
         self._params = self._tracked_parameters(pl_module)
+        self._model = pl_module.model
         self._init_ema()
 
     def _init_ema(self) -> None:
@@ -163,6 +166,7 @@ class EMACallback(Callback):
     def _swap_in(self) -> None:
         if not self.use_ema_for_validation or self._ema is None or self._raw_backup is not None:
             return
+        self._release_gathered_parameters()
         params = self._local_params()
         self._raw_backup = [p.clone() for p in params]
         torch._foreach_copy_(params, self._ema)
@@ -173,6 +177,12 @@ class EMACallback(Callback):
             return
         torch._foreach_copy_(self._local_params(), self._raw_backup)
         self._raw_backup = None
+        self._release_gathered_parameters()
+
+    def _release_gathered_parameters(self) -> None:
+        # FSDP: a forward runs on gathered copies of the shards, which must not outlive a swap of the shards
+        if self._model is not None and any(is_sharded(p) for p in self._params):
+            release_gathered_parameters(self._model)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:

@@ -1,32 +1,42 @@
-"""Image grids from the first validation batch (with the EMA weights when EMACallback is active)."""
+"""Input | reconstruction grids of a tokenizer: of training images every ``every_n_steps`` optimizer steps (as the
+reference's ``generate_every``) and of the first validation batch at a due validation, with the EMA weights when
+EMACallback is active."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from contextlib import nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
-from titok_lightning.metrics import images_to_uint8
+from callbacks.ema import EMACallback
+from titok_lightning.lit.generator import log_image_grid
+
+
+def eager(pl_module: pl.LightningModule):
+    """The module's compiled submodules run eagerly inside (a grid's batch is not the training step's shape)."""
+    return getattr(pl_module, "eager_compiled_modules", nullcontext)()
 
 
 class ImageLoggerCallback(Callback):
-    """Saves one grid per validation run, at most every ``every_n_steps`` training steps.
+    """Grids with one row per key of ``image_keys`` (default: inputs on top, reconstructions below) and ``num_images``
+    columns, written to ``<trainer.log_dir or default_root_dir>/images/`` and sent to the loggers that take images
+    (TensorBoard ``add_image``, W&B ``log_image``); other loggers (CSV) get the file only.
 
-    The grid has one row per key of ``image_keys`` (default: inputs on top, reconstructions below) and
-    ``num_images`` columns, taken from the dict returned by ``validation_step`` for the first batch on rank 0.
-    It is written to ``<trainer.log_dir or default_root_dir>/images/step_XXXXXXX.png`` and sent to the loggers
-    that take images (TensorBoard ``add_image``, W&B ``log_image``); other loggers (CSV) get the file only.
+    - Training (``train_step_XXXXXXX.png``, tag ``train/reconstructions``): every ``every_n_steps`` optimizer steps,
+      the first ``num_images`` images of that step's batch through the module's ``reconstruct(batch)``, in eval mode
+      with the EMA weights (every rank reconstructs, so that FSDP's sharded forward works; rank 0 writes).
+    - Validation (``step_XXXXXXX.png``, tag ``tag``): the dict returned by ``validation_step`` for the first batch,
+      at most every ``every_n_steps`` steps (the first validation always logs).
 
     Args:
-        every_n_steps: minimum number of training steps between two grids (the first validation always logs).
+        every_n_steps: optimizer steps between two training grids, and at least between two validation grids.
         num_images: number of columns.
         image_keys: keys of the validation_step output, each [B, 3, H, W] in [0, 1].
-        tag: name under which the grid is sent to the loggers.
+        tag: name under which the validation grid is sent to the loggers.
     """
 
     def __init__(
@@ -42,18 +52,36 @@ class ImageLoggerCallback(Callback):
         self.num_images = num_images
         self.image_keys = tuple(image_keys)
         self.tag = tag
-        self.image_dir: Path | None = None
         self._last_logged_step: int | None = None
         self._pending = False
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # trainer.log_dir broadcasts from rank 0, so every rank must read it (here, not in a rank-0-only branch).
-        self.image_dir = Path(trainer.log_dir or trainer.default_root_dir) / "images"
+    # -- training images -------------------------------------------------------------------------------------------
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step == 0 or step % self.every_n_steps or not callable(getattr(pl_module, "reconstruct", None)):
+            return
+        head = {name: value[: self.num_images] for name, value in batch.items()}
+        ema = next((callback for callback in trainer.callbacks if isinstance(callback, EMACallback)), None)
+        model = pl_module.model  # only the trained network changes mode: frozen helpers stay in eval
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), ema.swapped_in() if ema is not None else nullcontext():
+                with trainer.precision_plugin.forward_context(), eager(pl_module):
+                    reconstructions, _ = pl_module.reconstruct(head)
+        finally:
+            model.train(was_training)
+        rows = [head["image"].float(), reconstructions.float().clamp(0, 1)]
+        grid = make_grid(torch.cat(rows).cpu(), nrow=len(rows[0]), padding=2)
+        log_image_grid(trainer, grid, f"train_step_{step:07d}", "train/reconstructions")
 
+    # -- validation images -----------------------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
         due = self._last_logged_step is None or step - self._last_logged_step >= self.every_n_steps
-        self._pending = trainer.is_global_zero and not trainer.sanity_checking and due
+        self._pending = not trainer.sanity_checking and due
 
     def on_validation_batch_end(
         self,
@@ -74,13 +102,5 @@ class ImageLoggerCallback(Callback):
             )
         rows = [outputs[key][: self.num_images].detach().float().clamp(0, 1).cpu() for key in self.image_keys]
         grid = make_grid(torch.cat(rows), nrow=rows[0].shape[0], padding=2)
-        step = trainer.global_step
-        self.image_dir.mkdir(parents=True, exist_ok=True)
-        save_image(grid, self.image_dir / f"step_{step:07d}.png")
-        self._last_logged_step = step
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(self.tag, grid, global_step=step)
-            elif isinstance(logger, WandbLogger):
-                image = images_to_uint8(grid).permute(1, 2, 0).numpy()
-                logger.log_image(key=self.tag, images=[image], step=step)
+        log_image_grid(trainer, grid, f"step_{trainer.global_step:07d}", self.tag)
+        self._last_logged_step = trainer.global_step

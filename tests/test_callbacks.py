@@ -286,6 +286,50 @@ def test_image_logger_writes_one_grid_per_due_validation(tmp_path):
     assert grid.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2 columns x 2 rows of 8x8 images, padding 2
 
 
+class ReconstructingAutoencoder(TinyAutoencoder):
+    """A tokenizer module's interface: dict batches and ``reconstruct(batch) -> (images, info)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.reconstructed = []  # (global_step, model in training mode, model[0].weight, inputs, outputs) per call
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["image"],), batch_idx)
+
+    def reconstruct(self, batch):
+        outputs = self.model(batch["image"])
+        weight = self.model[0].weight.clone()
+        self.reconstructed.append((self.trainer.global_step, self.model.training, weight, batch["image"], outputs))
+        return outputs, None
+
+
+def test_image_logger_reconstructs_training_images_with_the_ema_every_n_steps(tmp_path):
+    # the reference's generate_every: training images and their reconstructions by the EMA weights, in eval mode
+    images = torch.rand(24, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    batches = DataLoader([{"image": image} for image in images], batch_size=4)
+    module, ema = ReconstructingAutoencoder(), EMACallback(decay=0.9)
+    trainer = make_trainer(tmp_path, [ema, ImageLoggerCallback(every_n_steps=2, num_images=3)], max_steps=6)
+    trainer.fit(module, batches)
+
+    folder = tmp_path / "images"
+    assert sorted(p.name for p in folder.iterdir()) == [f"train_step_000000{n}.png" for n in (2, 4, 6)]
+    assert [call[:2] for call in module.reconstructed] == [(2, False), (4, False), (6, False)]
+    trained = [weight for _, weight in module.trained_weights]
+    for step, _, weight, _, _ in module.reconstructed:
+        torch.testing.assert_close(weight, hand_ema(trained[:step], 0.9, 1, 0), rtol=1e-6, atol=1e-7)
+    assert module.model.training and torch.equal(module.model[0].weight, trained[-1])  # raw weights, training mode
+
+    grid = torch.from_numpy(np.asarray(Image.open(folder / "train_step_0000004.png"))).permute(2, 0, 1) / 255
+    top, bottom = grid[:, 2:10], grid[:, 12:20]  # rows of 8x8 images with padding 2
+    _, _, _, inputs, reconstructions = module.reconstructed[1]
+    torch.testing.assert_close(inputs, images[12:15])  # step 4 trains on the fourth batch: its first 3 images
+    reconstructions = reconstructions.clamp(0, 1)
+    for column in range(3):
+        left = 2 + column * 10
+        torch.testing.assert_close(top[:, :, left : left + 8], inputs[column], atol=1 / 255, rtol=0)
+        torch.testing.assert_close(bottom[:, :, left : left + 8], reconstructions[column], atol=1 / 255, rtol=0)
+
+
 def test_image_logger_sends_grid_to_tensorboard(tmp_path, monkeypatch):
     pytest.importorskip("tensorboard")
     from lightning.pytorch.loggers import TensorBoardLogger

@@ -53,8 +53,21 @@ def shard_blocks(module: nn.Module, mesh, block_types: tuple[type[nn.Module], ..
 
     blocks = [child for child in module.modules() if isinstance(child, block_types)]
     for block in blocks:
-        fully_shard(block, mesh=mesh)
+        # each block is its own FSDP root; given explicitly, True keeps a root resharding after its forward (torch
+        # >= 2.8; left to its default, or before 2.8, a root keeps its gathered parameters until its backward)
+        fully_shard(block, mesh=mesh, reshard_after_forward=True)
     return len(blocks)
+
+
+def release_gathered_parameters(module: nn.Module) -> None:
+    """Reshard every FSDP block of ``module``. A block that keeps its gathered parameters after a forward without a
+    backward (an evaluation) would run its next forward on those, not on its shards as they are now (after the EMA
+    callback swapped weights in or out)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for child in module.modules():
+        if isinstance(child, FSDPModule):
+            child.reshard()
 
 
 def set_gradient_sync(module: nn.Module, sync: bool) -> None:
