@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -636,6 +637,23 @@ def exit_on_sigterm() -> None:
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
 USER_ERRORS = (*CONFIG_ERRORS, ValueError, FileNotFoundError, PretrainedNotAvailableError)
 
+# conf/ also holds train.py's config groups, which sample.py composes none of (its data and trainer are settings)
+TRAIN_GROUPS = ("callbacks", "data", "debug", "experiment", "logger", "model", "trainer")
+
+
+def refuse_train_groups(args: Sequence[str]) -> None:
+    """A train.py group choice (``model=demo_generator``, ``+experiment=rar_b``, ``trainer=ddp``) in one line; Hydra
+    would ask for ``+model=...``, which adds a node that sample.py never reads."""
+    for arg in args:
+        key, equals, value = arg.partition("=")
+        if equals and key.lstrip("+~") in TRAIN_GROUPS:
+            sys.exit(
+                f"sample.py: error: {arg}: {key.lstrip('+~')} is a config group of train.py, not of sample.py. The "
+                "generator is ckpt_path=<.ckpt of a run> or generator=<registry name, file or HF repo>; data and "
+                "trainer are settings here (data.val_shards=..., trainer.devices=...); python sample.py --help "
+                "lists them all"
+            )
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
@@ -646,4 +664,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_train_groups(sys.argv[1:])
     run_cli(main, "sample.py")

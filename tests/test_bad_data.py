@@ -179,6 +179,22 @@ def test_sample_command_errors_are_one_line(tmp_path):
     ]
 
 
+def test_sample_help_and_train_groups_say_what_sample_py_takes(tmp_path):
+    # conf/ holds train.py's groups too: sample.py --help lists its own settings only, and a train.py group choice
+    # (which Hydra would suggest to "append" as +model=..., a node sample.py never reads) is refused in one line
+    help_text = run_command([sys.executable, "sample.py", "--help"]).stdout
+    assert "ckpt_path: null" in help_text and "num_per_class:" in help_text
+    assert "experiment:" not in help_text and "Configuration groups" not in help_text
+    for arg in ("model=demo_generator", "+experiment=rar_b", "trainer=ddp"):
+        result = run_command([sys.executable, "sample.py", arg, f"hydra.run.dir={tmp_path}"])
+        group = arg.lstrip("+").split("=")[0]
+        assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+            f"sample.py: error: {arg}: {group} is a config group of train.py, not of sample.py. The generator is "
+            "ckpt_path=<.ckpt of a run> or generator=<registry name, file or HF repo>; data and trainer are settings "
+            "here (data.val_shards=..., trainer.devices=...); python sample.py --help lists them all"
+        ], result.stderr[-2000:]
+
+
 def generator_checkpoint(path: Path, tokenizer_ckpt: Path, step: int, seed: int) -> Path:
     """A MaskGIT checkpoint in the layout of this project's generator training, as if saved at ``step``: weights of
     unit scale drawn from ``seed`` (a fresh init's small logits would let the sampling noise alone pick the tokens)."""
