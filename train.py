@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import warnings
@@ -197,6 +198,23 @@ def check_global_batch(cfg: DictConfig, world_size: int) -> None:
         world_size,
         reference,
         f": use {' or '.join(ways)}" if ways else "",
+    )
+
+
+def interval_error(cfg: DictConfig, error: ValueError) -> RunSettingError | None:
+    """Lightning's refusal of a validation interval longer than an epoch (``trainer.check_val_every_n_epoch`` set)
+    as a setting error naming the keys; None for other errors."""
+    found = re.search(
+        r"`val_check_interval` \((\d+)\) must be less than or equal to .* training batches \((\d+)\)", str(error)
+    )
+    if found is None:
+        return None
+    interval, batches = found.groups()
+    return RunSettingError(
+        f"trainer.val_check_interval={interval} with trainer.check_val_every_n_epoch="
+        f"{cfg.trainer.get('check_val_every_n_epoch')}: Lightning counts the interval within an epoch, which has "
+        f"{batches} training batches here. Leave trainer.check_val_every_n_epoch=null (the interval counts optimizer "
+        f"steps across epochs) or give trainer.val_check_interval <= {batches}"
     )
 
 
@@ -477,7 +495,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if ckpt_path is not None and Path(ckpt_path).parent.resolve() == Path(cfg.paths.checkpoint_dir).resolve():
                 # resuming in its own folder: of course the checkpoint folder is not empty
                 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except ValueError as error:
+                setting_error = interval_error(cfg, error)
+                if setting_error is None:
+                    raise
+                raise setting_error from error
         trained = ckpt_path is None or trainer.global_step != start_step
         if not trained:
             log.info("%s is from step %d, where this run ends: nothing left to train", ckpt_path, start_step)

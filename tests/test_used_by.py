@@ -195,6 +195,10 @@ def mse_printed_by_test(stdout: str) -> float:
         (["trainer.num_nodes=2"], "without a strategy: Lightning's default DDP stops"),
         (["trainer.precision=64-true"], "use 32-true, bf16-mixed or 16-mixed"),
         (["trainer.precision=bf16-true"], "use 32-true, bf16-mixed or 16-mixed"),
+        (
+            ["trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=100000"],
+            "Leave trainer.check_val_every_n_epoch=null (the interval counts optimizer steps across epochs)",
+        ),
     ],
     ids=[
         "nothing-to-do",
@@ -211,6 +215,7 @@ def mse_printed_by_test(stdout: str) -> float:
         "nodes",
         "double",
         "bf16-weights",
+        "interval-within-epochs",
     ],
 )
 def test_settings_lightning_would_run_wrongly_are_refused_in_one_line(overrides, message, tmp_path, digits_cache):  # noqa: F811
