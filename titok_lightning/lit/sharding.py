@@ -53,8 +53,9 @@ def shard_blocks(module: nn.Module, mesh, block_types: tuple[type[nn.Module], ..
 
     blocks = [child for child in module.modules() if isinstance(child, block_types)]
     for block in blocks:
-        # each block is its own FSDP root; given explicitly, True keeps a root resharding after its forward (torch
-        # >= 2.8; left to its default, or before 2.8, a root keeps its gathered parameters until its backward)
+        # each block is its own FSDP root; given explicitly, True keeps a root resharding after its forward in the
+        # torch versions that honour it for roots (left to its default, or in older versions, a root keeps its
+        # gathered parameters until its backward: see release_gathered_parameters)
         fully_shard(block, mesh=mesh, reshard_after_forward=True)
     return len(blocks)
 
