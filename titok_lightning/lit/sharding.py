@@ -53,10 +53,10 @@ def shard_blocks(module: nn.Module, mesh, block_types: tuple[type[nn.Module], ..
 
     blocks = [child for child in module.modules() if isinstance(child, block_types)]
     for block in blocks:
-        # each block is its own FSDP root; given explicitly, True keeps a root resharding after its forward in the
-        # torch versions that honour it for roots (left to its default, or in older versions, a root keeps its
-        # gathered parameters until its backward: see release_gathered_parameters)
-        fully_shard(block, mesh=mesh, reshard_after_forward=True)
+        # each block is its own FSDP root, which keeps its gathered parameters after a forward (until its backward or
+        # release_gathered_parameters): an evaluation forward then needs no collective, so ranks with uneven numbers
+        # of held-out batches (every held-out image once) do not wait on each other
+        fully_shard(block, mesh=mesh)
     return len(blocks)
 
 
