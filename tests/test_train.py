@@ -561,6 +561,43 @@ def test_a_step_the_grad_scaler_skips_leaves_the_lr_schedule_where_it_is(tmp_pat
     assert lr == pytest.approx(schedule.lr_lambdas[0](3) * schedule.base_lrs[0])
 
 
+def test_a_checkpoint_after_a_step_the_grad_scaler_skipped_holds_the_schedule_without_it(tmp_path, digits_cache):
+    # whether the scaler skipped a step is read (without waiting) at the role's next step: a checkpoint written right
+    # after a skipped step must already hold the schedule and the optimizer's rates without it
+    from lightning.pytorch.plugins import MixedPrecision
+
+    L.seed_everything(0)
+    module, _, data = _demo_module_and_trainer(tmp_path, digits_cache)
+    forward = module.loss.forward
+
+    def nan_at_the_last_step(*args, **kwargs):
+        loss, logs = forward(*args, **kwargs)
+        return (loss * float("nan") if module.global_step == 3 else loss), logs
+
+    module.loss.forward = nan_at_the_last_step
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**10))],
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+    )
+    trainer.fit(module, datamodule=data)
+    assert trainer.precision_plugin.scaler.get_scale() == 2.0**9, "only the last step was skipped"
+    trainer.save_checkpoint(tmp_path / "after_skip.ckpt")
+    checkpoint = torch.load(tmp_path / "after_skip.ckpt", weights_only=True)
+    schedule = module.lr_schedulers()[0]
+    expected = schedule.lr_lambdas[0](3) * schedule.base_lrs[0]
+    assert checkpoint["lr_schedulers"][0]["last_epoch"] == 3
+    assert checkpoint["lr_schedulers"][0]["_last_lr"] == pytest.approx([expected] * len(schedule.base_lrs))
+    assert [group["lr"] for group in checkpoint["optimizer_states"][0]["param_groups"]] == pytest.approx(
+        [expected] * len(schedule.base_lrs)
+    )
+    assert schedule.last_epoch == 3 and trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(expected)
+
+
 def test_compile_option_rejects_unknown_submodules(tmp_path, digits_cache):
     module, trainer, data = _demo_module_and_trainer(tmp_path, digits_cache, "model.compile_modules=[encodr]")
     with pytest.raises(ValueError, match=r"'encodr' is not a submodule.*encoder.*decoder"):

@@ -82,6 +82,25 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[Mapping[str, Any]]
     return [{name: value[i * size : (i + 1) * size] for name, value in batch.items()} for i in range(parts)]
 
 
+class DeviceFlag:
+    """A boolean computed on the device, copied to the host as the device gets there: reading it later waits for
+    nothing (a CUDA event that has already passed)."""
+
+    def __init__(self, value: torch.Tensor):
+        if value.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._host, self._copied = value, None
+
+    def read(self) -> bool:
+        if self._copied is not None and not self._copied.query():
+            self._copied.synchronize()
+        return bool(self._host)
+
+
 class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/inf; raised before the optimizer step, so weights and EMA are intact."""
 
@@ -145,6 +164,7 @@ class TrainingModule(L.LightningModule):
         self._role_index: dict[str, int] = {}
         self._role_of_optimizer: dict[int, str] = {}
         self._last_losses: dict[str, Any] = {}
+        self._step_skipped: dict[str, DeviceFlag] = {}  # per role: whether the GradScaler skipped its last step
         self._completes_step = True  # whether the running micro-batch is its batch's last
         self._batch_starts: deque[tuple[float, int]] = deque()  # (host time, batch size) of recent batches
         self._sharded = False
@@ -175,6 +195,14 @@ class TrainingModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
             del state[key]
+        taken_back = [self._take_back_a_skipped_step(role) for role in list(self._step_skipped)]
+        if any(taken_back) and "lr_schedulers" in checkpoint:  # the schedules and rates as the next step will see them
+            checkpoint["lr_schedulers"] = [
+                config.scheduler.state_dict() for config in self.trainer.lr_scheduler_configs
+            ]
+            for optimizer, saved in zip(self.trainer.optimizers, checkpoint["optimizer_states"]):
+                for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+                    saved_group["lr"] = group["lr"]
 
     # ------------------------------------------------------------------- sharding (FSDP) and compilation
     def configure_model(self) -> None:
@@ -309,7 +337,7 @@ class TrainingModule(L.LightningModule):
         """Backward ``loss`` for ``role`` and, at an accumulation boundary, step its optimizer and schedule.
 
         ``logs`` (the loss terms) are kept for the error message if the gradients turn out non-finite.
-        Returns whether the optimizer stepped.
+        Returns whether the optimizer was stepped (under 16-mixed its GradScaler may have skipped the update).
         """
         self._last_losses[role] = logs if logs is not None else {"loss": loss}
         self.manual_backward(loss / self.accumulate_grad_batches)
@@ -317,19 +345,41 @@ class TrainingModule(L.LightningModule):
             return False
         opt = self._optimizer(role)
         self._role_of_optimizer[id(opt.optimizer)] = role
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        scale = scaler.get_scale() if scaler is not None else None
+        self._take_back_a_skipped_step(role)
+        scale_before = self._grad_scale()
         if role == "model":
             opt.step()  # advances trainer.global_step
         else:
             # Same precision/strategy path as LightningOptimizer.step, without counting a global step.
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=_no_closure, model=self)
         opt.zero_grad(set_to_none=True)
-        # 16-mixed: the GradScaler shrinks its scale exactly when it skipped the step (inf/nan gradients). The
-        # schedule then stays where it is, as the reference's (accelerate's) does; one host sync, fp16 only.
-        if scaler is not None and scaler.get_scale() < scale:
-            return False
         self._scheduler(role).step()
+        if scale_before is not None:  # the scale shrinks exactly when the GradScaler skipped the step
+            self._step_skipped[role] = DeviceFlag(self._grad_scale() < scale_before)
+        return True
+
+    # 16-mixed: the reference's scheduler (accelerate's) does not advance on a step its GradScaler skipped (inf/nan
+    # gradients). Whether it did is the device's answer: the schedule advances at once, and the answer is read when
+    # the role steps next (or a checkpoint is written), by then long known, so no step waits for the device; a
+    # skipped step's schedule step is taken back before the next optimizer step uses its rate. (Only the logged
+    # learning rate of the step right after a skipped one shows the rate taken back.)
+    def _grad_scale(self) -> torch.Tensor | None:
+        """A copy of the GradScaler's current scale (on the device), or None without one."""
+        scale = getattr(getattr(self.trainer.precision_plugin, "scaler", None), "_scale", None)
+        return scale.clone() if scale is not None else None
+
+    def _take_back_a_skipped_step(self, role: str) -> bool:
+        """If the GradScaler skipped ``role``'s last step, move its schedule (a LambdaLR) and its optimizer's rates
+        back one step; returns whether it did."""
+        skipped = self._step_skipped.pop(role, None)
+        if skipped is None or not skipped.read():
+            return False
+        scheduler = self._scheduler(role)
+        scheduler.last_epoch -= 1
+        rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, rate in zip(scheduler.optimizer.param_groups, rates):
+            group["lr"] = rate
+        scheduler._last_lr = rates
         return True
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
