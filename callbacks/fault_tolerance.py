@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -74,8 +75,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._received: int = 0  # signal number seen by this process (set in the handler)
         self._previous_handlers: dict[int, Any] = {}
         self._validated = False  # whether validation ran after the last complete batch
-        self._saving_between_batches = False
-        self._saving_after_the_epoch = False  # training ended with an epoch's last batch
+        # how a checkpoint written now is rewritten to read as saved at a batch boundary (None: as it is)
+        self._rewrite: Callable[[dict[str, Any], bool], None] | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._resumed = False
         self._optimizer_steps = 0
@@ -162,13 +163,13 @@ class ResumableCheckpoint(ModelCheckpoint):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
         # the previous step is complete now (metrics logged, validation run): its checkpoint, and a signal's stop
         received = self._agreed_signal(trainer)
-        self._saving_between_batches = True
+        self._rewrite = _as_if_saved_after_the_previous_batch
         try:
             super().on_train_batch_end(trainer, pl_module, None, None, batch_idx)  # the periodic checkpoint, if due
             if received:
                 self._stop(trainer, received)
         finally:
-            self._saving_between_batches = False
+            self._rewrite = None
         self._batch_started_at = self._optimizer_steps
         # the forward pass updates buffers in place (usage statistics, LeCam means): keep them for an error's save
         self._buffers_at_batch_start = [(buffer, buffer.detach().clone()) for buffer in self._saved_buffers]
@@ -193,14 +194,16 @@ class ResumableCheckpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         # a longer run resuming from here continues the epoch's batches (max_steps ended it early) or the next epoch
         loop = trainer.fit_loop.epoch_loop
-        self._saving_between_batches = loop.batch_progress.current.processed < trainer.num_training_batches
-        self._saving_after_the_epoch = not self._saving_between_batches
+        within_the_epoch = loop.batch_progress.current.processed < trainer.num_training_batches
+        self._rewrite = (
+            _as_if_saved_after_the_previous_batch if within_the_epoch else _as_if_saved_as_the_next_epoch_starts
+        )
         try:
             super().on_train_batch_end(trainer, pl_module, None, None, 0)  # the last step's periodic checkpoint
             if not self._should_skip_saving_checkpoint(trainer):  # the final weights, whatever the interval
                 self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
-            self._saving_between_batches = self._saving_after_the_epoch = False
+            self._rewrite = None
         self._restore_handlers()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -248,11 +251,11 @@ class ResumableCheckpoint(ModelCheckpoint):
             for buffer, value in self._buffers_at_batch_start:
                 buffer.copy_(value)
             _set_rng_state(self._rng_at_batch_start)
-        self._saving_between_batches = mid_batch
+        self._rewrite = _as_if_saved_after_the_previous_batch if mid_batch else None
         try:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         finally:
-            self._saving_between_batches = False
+            self._rewrite = None
         if trainer.is_global_zero:
             _say(
                 f"{type(exception).__name__}: saved {self.last_model_path} with the last complete step "
@@ -269,10 +272,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         else:
             states = [state]
         checkpoint["rng_states"] = states
-        if self._saving_between_batches:
-            _as_if_saved_after_the_previous_batch(checkpoint, self._validated)
-        elif self._saving_after_the_epoch:
-            _as_if_saved_as_the_next_epoch_starts(checkpoint, self._validated)
+        if self._rewrite is not None:
+            self._rewrite(checkpoint, self._validated)
         for logger in trainer.loggers:
             logger.save()
 
