@@ -42,7 +42,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.trainer.states import TrainerFn
 from tqdm import tqdm
 
-from titok_lightning.lit.base import NonFiniteLossError
+from titok_lightning.lit.base import HostMirror, NonFiniteLossError
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._saved_buffers: list[torch.Tensor] = []
         self._buffers_at_batch_start: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._rng_at_batch_start: dict[str, Any] = {}
-        self._agreement: tuple[torch.Tensor, Any] | None = None  # the ranks' pending stop-signal reduction
+        self._agreement = HostMirror()  # the ranks' pending stop-signal reduction
         self._flag: torch.Tensor | None = None  # this rank's signal, reduced in place over the ranks
-        self._pinned_flag: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------------ signals
     def _handle(self, signum: int, frame: Any) -> None:
@@ -122,31 +121,19 @@ class ResumableCheckpoint(ModelCheckpoint):
         """
         if trainer.world_size == 1:
             return self._received
-        agreed = 0
-        if self._agreement is not None:
-            host, done = self._agreement
-            if done is not None:
-                done.synchronize()
-            agreed = int(host.item())
+        agreed = int(self._agreement.read() or 0)
         if self._flag is None:
             self._flag = torch.zeros(1, dtype=torch.long, device=trainer.strategy.root_device)
         # fill_, not a new tensor from a Python value: a blocking host-to-device copy would wait for the stream
         flag = self._flag.fill_(self._received)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, async_op=True).wait()
-        done = None
-        if flag.is_cuda:  # wait() above only made the stream wait: copy and mark without blocking the host
-            if self._pinned_flag is None:
-                self._pinned_flag = torch.empty_like(flag, device="cpu").pin_memory()
-            self._pinned_flag.copy_(flag, non_blocking=True)
-            flag, done = self._pinned_flag, torch.cuda.Event()
-            done.record()
-        self._agreement = (flag, done)
+        self._agreement.start(flag)  # wait() above only made the stream wait: the host reads it a batch later
         return agreed
 
     # ------------------------------------------------------------------------------------------- training hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install_handlers()
-        self._agreement = None
+        self._agreement = HostMirror()
         for optimizer in trainer.optimizers:
             optimizer.register_step_post_hook(self._count_optimizer_step)
         self._resumed = trainer.ckpt_path is not None

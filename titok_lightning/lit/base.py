@@ -82,23 +82,34 @@ def split_batch(batch: Mapping[str, Any], parts: int) -> list[Mapping[str, Any]]
     return [{name: value[i * size : (i + 1) * size] for name, value in batch.items()} for i in range(parts)]
 
 
-class DeviceFlag:
-    """A boolean computed on the device, copied to the host as the device gets there: reading it later waits for
-    nothing (a CUDA event that has already passed)."""
+class HostMirror:
+    """A device scalar read by the host one step later, without waiting for the step in flight: ``start`` copies it
+    to a reused pinned buffer behind a CUDA event (on the CPU it keeps the tensor itself); ``read`` returns it (None
+    when nothing was started since the last read), the event having long passed by then."""
 
-    def __init__(self, value: torch.Tensor):
+    def __init__(self):
+        self._host: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+        self._pending = False
+
+    def start(self, value: torch.Tensor) -> None:
         if value.is_cuda:
-            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            if self._host is None:  # one value, of one shape and dtype, at a time
+                self._host = torch.empty_like(value, device="cpu").pin_memory()
             self._host.copy_(value, non_blocking=True)
             self._copied = torch.cuda.Event()
             self._copied.record()
         else:
             self._host, self._copied = value, None
+        self._pending = True
 
-    def read(self) -> bool:
+    def read(self) -> int | float | bool | None:
+        if not self._pending:
+            return None
+        self._pending = False
         if self._copied is not None and not self._copied.query():
             self._copied.synchronize()
-        return bool(self._host)
+        return self._host.item()
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -164,7 +175,7 @@ class TrainingModule(L.LightningModule):
         self._role_index: dict[str, int] = {}
         self._role_of_optimizer: dict[int, str] = {}
         self._last_losses: dict[str, Any] = {}
-        self._step_skipped: dict[str, DeviceFlag] = {}  # per role: whether the GradScaler skipped its last step
+        self._step_skipped: dict[str, HostMirror] = {}  # per role: whether the GradScaler skipped its last step
         self._completes_step = True  # whether the running micro-batch is its batch's last
         self._batch_starts: deque[tuple[float, int]] = deque()  # (host time, batch size) of recent batches
         self._sharded = False
@@ -195,7 +206,7 @@ class TrainingModule(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(prefixes)]:
             del state[key]
-        taken_back = [self._take_back_a_skipped_step(role) for role in list(self._step_skipped)]
+        taken_back = [self._take_back_a_skipped_step(role) for role in self._step_skipped]
         if any(taken_back) and "lr_schedulers" in checkpoint:  # the schedules and rates as the next step will see them
             checkpoint["lr_schedulers"] = [
                 config.scheduler.state_dict() for config in self.trainer.lr_scheduler_configs
@@ -355,7 +366,7 @@ class TrainingModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         self._scheduler(role).step()
         if scale_before is not None:  # the scale shrinks exactly when the GradScaler skipped the step
-            self._step_skipped[role] = DeviceFlag(self._grad_scale() < scale_before)
+            self._step_skipped.setdefault(role, HostMirror()).start(self._grad_scale() < scale_before)
         return True
 
     # 16-mixed: the reference's scheduler (accelerate's) does not advance on a step its GradScaler skipped (inf/nan
@@ -371,7 +382,7 @@ class TrainingModule(L.LightningModule):
     def _take_back_a_skipped_step(self, role: str) -> bool:
         """If the GradScaler skipped ``role``'s last step, move its schedule (a LambdaLR) and its optimizer's rates
         back one step; returns whether it did."""
-        skipped = self._step_skipped.pop(role, None)
+        skipped = self._step_skipped.get(role)
         if skipped is None or not skipped.read():
             return False
         scheduler = self._scheduler(role)
