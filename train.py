@@ -41,8 +41,9 @@ from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E40
 from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 
 from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
-from datamodules.shards import SeveralSplitsError  # noqa: E402
+from datamodules.shards import DataError  # noqa: E402
 from titok_lightning.cli import CONFIG_ERRORS, MOVED_KEYS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
+from titok_lightning.lit.generator import ClassLabelError  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
     RunFolderInUseError,
     RunLock,
@@ -75,12 +76,13 @@ class ChangedOnResumeError(ValueError):
 USER_ERRORS = (
     *CONFIG_ERRORS,
     ChangedOnResumeError,
+    ClassLabelError,
     MissingSettingError,
     RunSettingError,
     FileNotFoundError,
     NotACheckpointError,
     RunFolderInUseError,
-    SeveralSplitsError,
+    DataError,
 )
 
 

@@ -49,8 +49,9 @@ def _is_remote(url: str) -> bool:
 SPLIT_SHARD = re.compile(r"^(.+)-\d+\.tar$")  # <split>-<number>.tar, as the converter and pretokenize write
 
 
-class SeveralSplitsError(ValueError):
-    """A shard directory holds the shards of several splits: which to read is the user's to say."""
+class DataError(ValueError):
+    """Data that cannot be read as configured (shards, their contents or how they divide into batches), found when
+    a datamodule sets up: the command-line tools refuse it in one line."""
 
 
 def resolve_shards(spec: ShardSpec | None, what: str = "shards") -> list[str]:
@@ -62,15 +63,15 @@ def resolve_shards(spec: ShardSpec | None, what: str = "shards") -> list[str]:
     (`https://`, `s3://`, `pipe:`; passed through unchecked).
 
     Raises:
-        ValueError: `spec` is None or an empty list, or a directory holds several splits.
+        DataError: `spec` is None or an empty list, or a directory holds several splits.
         FileNotFoundError: a directory without shards, a pattern matching nothing, or a missing file;
             the message names the offending path and the pattern it came from.
     """
     if spec is None:
-        raise ValueError(f"{what}: no shards given")
+        raise DataError(f"{what}: no shards given")
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     if not items:
-        raise ValueError(f"{what}: the shard list is empty")
+        raise DataError(f"{what}: the shard list is empty")
     shards: list[str] = []
     for item in items:
         item = os.path.expanduser(os.fspath(item))
@@ -83,7 +84,7 @@ def resolve_shards(spec: ShardSpec | None, what: str = "shards") -> list[str]:
             splits = sorted({match.group(1) for f in found if (match := SPLIT_SHARD.match(os.path.basename(f)))})
             if len(splits) > 1:  # e.g. pretokenize's train-*.tar and val-*.tar in one --out folder
                 example = os.path.join(item, f"{splits[0]}-*.tar")
-                raise SeveralSplitsError(
+                raise DataError(
                     f"{what}: directory {item!r} holds the shards of several splits ({', '.join(splits)}); "
                     f"name the one to read, e.g. '{example}'"
                 )
@@ -110,7 +111,7 @@ def count_samples(shards: Sequence[str]) -> int:
     total = 0
     for path in shards:
         if _is_remote(path):
-            raise ValueError(f"cannot count the samples of remote shard {path!r}; set samples_per_epoch")
+            raise DataError(f"cannot count the samples of remote shard {path!r}; set samples_per_epoch")
         previous_key = None
         try:
             with tarfile.open(path) as tar:
@@ -122,7 +123,7 @@ def count_samples(shards: Sequence[str]) -> int:
                         total += 1
                         previous_key = match.group(1)
         except (tarfile.TarError, EOFError) as error:
-            raise ValueError(
+            raise DataError(
                 f"shard {path!r} is truncated or not a tar file ({error}); re-create it, leave it out of the shard "
                 "list, or set samples_per_epoch to train without counting"
             ) from None
@@ -334,7 +335,7 @@ class EpochPartition:
         handler: Callable[[BaseException], bool],
     ):
         if counts is None and len(urls) < num_readers:
-            raise ValueError(
+            raise DataError(
                 f"{len(urls)} remote shards cannot be dealt out to {num_readers} readers (ranks x workers): use "
                 "more shards, fewer DataLoader workers, or local shards (their samples are counted and split)"
             )
@@ -669,11 +670,11 @@ class ShardedDataModule(L.LightningDataModule):
         self.rank, self.world_size = self._distributed_context()
         has_train = self.train_shards is not None or self._has_other_train_source()
         if stage == "fit" and not has_train:
-            raise ValueError(f"{name}: stage 'fit' needs train_shards")
+            raise DataError(f"{name}: stage 'fit' needs train_shards")
         if stage in ("validate", "test") and self.val_shards is None:
-            raise ValueError(f"{name}: stage {stage!r} needs val_shards")
+            raise DataError(f"{name}: stage {stage!r} needs val_shards")
         if stage is None and not has_train and self.val_shards is None:
-            raise ValueError(f"{name}: neither train_shards nor val_shards given")
+            raise DataError(f"{name}: neither train_shards nor val_shards given")
         if self.train_shards is not None and stage in (None, "fit"):
             self.train_urls = resolve_shards(self.train_shards, f"{name}.train_shards")
             counts = None
@@ -702,14 +703,14 @@ class ShardedDataModule(L.LightningDataModule):
         if num_samples is None:
             per_reader = sum(counts) // readers // self.batch_size
             if per_reader < 1:
-                raise ValueError(
+                raise DataError(
                     f"{type(self).__name__}: {sum(counts)} training samples do not fill one batch of "
                     f"{self.batch_size} on each of {readers} readers (ranks x workers); lower the batch size or "
                     "num_workers"
                 )
             return per_reader * workers
         if num_samples < 1:
-            raise ValueError(f"{type(self).__name__}: samples_per_epoch must be positive, got {num_samples}")
+            raise DataError(f"{type(self).__name__}: samples_per_epoch must be positive, got {num_samples}")
         return math.ceil(num_samples / (self.batch_size * readers)) * workers
 
     def _shared_seed(self) -> int:

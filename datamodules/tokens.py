@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.convert import write_shards
 from datamodules.shards import (
     SPLIT_SHARD,
+    DataError,
     ResumableLoader,
     SampleDecoder,
     ShardedDataModule,
@@ -129,7 +130,7 @@ def check_pretokenized_complete(urls: Sequence[str]) -> None:
             if os.path.isfile(settings):
                 with open(settings, encoding="utf-8") as file:
                     parts = json.load(file)["parts"]
-            raise ValueError(
+            raise DataError(
                 f"{folder}: the pretokenize output of split {split!r} is incomplete ({done} of {parts} parts done, no "
                 f"{split}.json); rerun the same pretokenize command to finish it"
             )
@@ -243,7 +244,7 @@ class PretokenizedJsonl(Dataset):
                     offsets.append(position)
                 position += len(line)
         if not offsets:
-            raise ValueError(f"pre-tokenized jsonl {path!r} is empty")
+            raise DataError(f"pre-tokenized jsonl {path!r} is empty")
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self._file = None
         self._file_pid = None
@@ -365,7 +366,7 @@ class TokenDataModule(ShardedDataModule):
             readers = self.world_size * workers
             per_reader = len(self.train_jsonl_dataset) // readers // self.batch_size
             if per_reader < 1:
-                raise ValueError(
+                raise DataError(
                     f"{self.train_jsonl}: {len(self.train_jsonl_dataset)} lines do not fill one batch of "
                     f"{self.batch_size} on each of {readers} readers (ranks x workers)"
                 )

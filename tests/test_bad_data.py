@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -318,15 +319,57 @@ def test_broken_jpegs_in_training_shards_are_a_logged_count_and_a_summary(tmp_pa
     assert logged == sorted(logged) and 0 < logged[-1] <= warned
 
 
-def test_truncated_shard_while_counting_samples_is_named(tmp_path):
-    from datamodules import ImageDataModule
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("truncated", r"shard '{shard}' is truncated or not a tar file .*samples_per_epoch"),
+        ("too_few", r"32 training samples do not fill one batch of 32 on each of 2 readers .*lower the batch size"),
+    ],
+)
+def test_unreadable_or_too_little_data_is_one_line_from_train_py(tmp_path, case, message):
+    from tests.test_train import tiny_overrides
 
-    shards = jpeg_shards(tmp_path, broken=set())
-    with open(shards[1], "r+b") as file:
-        file.truncate(6000)  # a copy that stopped half-way
-    datamodule = ImageDataModule(train_shards=str(tmp_path), image_size=32, num_workers=0)
-    with pytest.raises(ValueError, match=rf"shard '{shards[1]}' is truncated or not a tar file .*samples_per_epoch"):
-        datamodule.setup("fit")
+    shards = jpeg_shards(tmp_path / "shards", broken=set())
+    batch_size = 4
+    if case == "truncated":
+        with open(shards[1], "r+b") as file:
+            file.truncate(6000)  # a copy that stopped half-way
+    else:
+        batch_size = 32  # 32 samples, 2 DataLoader workers
+    data = ["data=imagenet", f"data.train_shards={tmp_path / 'shards'}", "data.val_shards=null", "data.image_size=32"]
+    data += ["data.resize_shorter_edge=32", "data.samples_per_epoch=null", "data.num_workers=2"]
+    result = run_command(
+        [sys.executable, "train.py", *[o for o in tiny_overrides("demo") if not o.startswith("data")], *data]
+        + [f"data.batch_size={batch_size}", "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("train.py: error: "), result.stderr[-3000:]
+    assert re.search(message.format(shard=shards[1]), error), error
+
+
+@pytest.mark.parametrize("first_label", [1, -1])
+def test_class_labels_outside_the_generator_classes_are_refused_in_one_line(tmp_path, first_label):
+    """1-based labels would train label 10 of 10 classes as the guidance's null class, and -1 as the mask token."""
+    from datamodules.tokens import write_token_shards
+    from tests.test_generator_training import tokenizer_checkpoint
+
+    rng = np.random.default_rng(0)
+    labelled = ({"class_id": i % 10 + first_label, "tokens": rng.integers(0, 16, 8)} for i in range(16))
+    write_token_shards(labelled, str(tmp_path / "tokens" / "train-%06d.tar"), progress=False)
+    wrong = 10 if first_label == 1 else -1
+    result = run_command(
+        [sys.executable, "train.py", "experiment=demo_generator"]
+        + [f"model.tokenizer={tokenizer_checkpoint(tmp_path / 'tokenizer.ckpt')}", f"data.train_shards={tmp_path / 'tokens'}"]
+        + ["data.batch_size=8", "data.samples_per_epoch=null", "trainer.max_steps=2", "model.generator.hidden_size=32"]
+        + ["model.generator.intermediate_size=64", f"hydra.run.dir={tmp_path / 'run'}"]
+    )
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"train.py: error: class labels [{wrong}] (samples ["), error
+    assert "are outside the generator's 10 classes (0..9): relabel the data" in error
 
 
 # ----------------------------------------------------------------------------------------------------- pretokenize

@@ -353,6 +353,10 @@ def _absolute_paths(spec: Any) -> Any:
     return spec
 
 
+class ClassLabelError(ValueError):
+    """A batch's class labels are outside the generator's classes."""
+
+
 class ClassConditionalModule(GeneratorModule):
     """Class-conditional generators: labels from ``batch["class_id"]``, grids over ``sample_grid.class_ids``."""
 
@@ -362,6 +366,23 @@ class ClassConditionalModule(GeneratorModule):
         if "class_id" not in batch:
             raise KeyError(f"class-conditional training needs batch['class_id'], got {sorted(batch)}")
         return batch["class_id"].long()
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Refuse labels outside ``0..num_classes-1`` while they are still on the host (no device sync): the
+        condition ids would be other tokens' (``num_classes`` is the guidance's null class, -1 the mask token)."""
+        labels = batch.get("class_id") if isinstance(batch, Mapping) else None
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and labels.numel():
+            num_classes = self.model.num_classes
+            outside = (labels < 0) | (labels >= num_classes)
+            if bool(outside.any()):
+                values = sorted({int(v) for v in labels[outside]})
+                keys = [batch["key"][i] for i in outside.nonzero().flatten().tolist()] if "key" in batch else []
+                raise ClassLabelError(
+                    f"class labels {values[:10]} (samples {keys[:5]}) are outside the generator's {num_classes} "
+                    f"classes (0..{num_classes - 1}): relabel the data (labels from 1?) or set "
+                    "model.generator.num_classes"
+                )
+        return batch
 
     def check_grid_conditions(self) -> None:
         num_classes = self.model.num_classes
