@@ -680,7 +680,14 @@ class ShardedDataModule(L.LightningDataModule):
             counts = None
             if not any(_is_remote(url) for url in self.train_urls):
                 counts = [count_samples([url]) for url in self.train_urls]
-                log.info("%s: counted %d training samples in %d shards", name, sum(counts), len(self.train_urls))
+                counted = f"{name}: counted {sum(counts)} training samples in {len(self.train_urls)} shards"
+                if self.samples_per_epoch is not None and self.samples_per_epoch != sum(counts):
+                    # a recipe's dataset size (ImageNet's 1281167) on other data: say what an epoch then is
+                    counted += (
+                        f"; an epoch is samples_per_epoch={self.samples_per_epoch} samples drawn from them, "
+                        "reshuffled per epoch (data.samples_per_epoch=null: each sample once per epoch)"
+                    )
+                log.info(counted)
             elif self.samples_per_epoch is None:
                 count_samples(self.train_urls)  # raises: remote shards need samples_per_epoch
             self.train_batches_per_rank = self._batches_per_rank(self.samples_per_epoch, counts)
