@@ -359,9 +359,10 @@ def test_class_labels_outside_the_generator_classes_are_refused_in_one_line(tmp_
     labelled = ({"class_id": i % 10 + first_label, "tokens": rng.integers(0, 16, 8)} for i in range(16))
     write_token_shards(labelled, str(tmp_path / "tokens" / "train-%06d.tar"), progress=False)
     wrong = 10 if first_label == 1 else -1
+    tokenizer = tokenizer_checkpoint(tmp_path / "tokenizer.ckpt")
     result = run_command(
         [sys.executable, "train.py", "experiment=demo_generator"]
-        + [f"model.tokenizer={tokenizer_checkpoint(tmp_path / 'tokenizer.ckpt')}", f"data.train_shards={tmp_path / 'tokens'}"]
+        + [f"model.tokenizer={tokenizer}", f"data.train_shards={tmp_path / 'tokens'}"]
         + ["data.batch_size=8", "data.samples_per_epoch=null", "trainer.max_steps=2", "model.generator.hidden_size=32"]
         + ["model.generator.intermediate_size=64", f"hydra.run.dir={tmp_path / 'run'}"]
     )

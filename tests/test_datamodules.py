@@ -199,21 +199,30 @@ def test_samples_per_epoch_defaults_to_the_shard_count(tmp_path):
     assert dm.train_batches_per_rank == 5  # each sample at most once per epoch: 11 // 2 full batches
 
 
-
 def test_a_configured_epoch_size_other_than_the_count_is_said(tmp_path, caplog):
     """A recipe's samples_per_epoch (ImageNet's) on one's own shards: the log says what an epoch then is."""
     shards = _write(tmp_path, "n", _class_samples(11), 4)
     said = {}
     for samples_per_epoch in (None, 11, 1281167):
-        dm = ImageDataModule(train_shards=shards, image_size=8, batch_size=2, num_workers=0, rank=0, world_size=1,
-                             samples_per_epoch=samples_per_epoch)
+        dm = ImageDataModule(
+            train_shards=shards,
+            image_size=8,
+            batch_size=2,
+            num_workers=0,
+            rank=0,
+            world_size=1,
+            samples_per_epoch=samples_per_epoch,
+        )
         caplog.clear()
         with caplog.at_level("INFO", logger="datamodules.shards"):
             dm.setup("fit")
         said[samples_per_epoch] = next(r.getMessage() for r in caplog.records if "counted 11" in r.getMessage())
     assert said[None] == said[11] == "ImageDataModule: counted 11 training samples in 3 shards"
-    assert said[1281167].endswith("; an epoch is samples_per_epoch=1281167 samples drawn from them, reshuffled per "
-                                  "epoch (data.samples_per_epoch=null: each sample once per epoch)")
+    assert said[1281167].endswith(
+        "; an epoch is samples_per_epoch=1281167 samples drawn from them, reshuffled per "
+        "epoch (data.samples_per_epoch=null: each sample once per epoch)"
+    )
+
 
 _HOLD_A_LOADER = """
 import multiprocessing, sys
