@@ -19,9 +19,10 @@ def counts_over_ranks(trainer: pl.Trainer, counter) -> np.ndarray:
 
 
 class SkippedSamplesCallback(Callback):
-    """Logs ``train/skipped_samples`` (samples skipped as unreadable so far, summed over ranks, every
-    ``trainer.log_every_n_steps`` batches) and, when training ends, prints how many were skipped, why and from which
-    files, and writes the same to ``<log dir>/skipped_samples.json``.
+    """Logs ``train/skipped_samples`` (reads of unreadable samples skipped so far, summed over ranks, every
+    ``trainer.log_every_n_steps`` batches; the DataLoader workers' reads, which run a few batches ahead of
+    training) and, when training ends, prints how many were skipped, why and from which files, and writes the
+    same to ``<log dir>/skipped_samples.json``.
 
     Reads the ``skip_counter`` of the datamodule (``datamodules.shards.ShardedDataModule``); does nothing for
     datamodules without one (e.g. the embedded digits). When training stops on an exception, this rank's summary is

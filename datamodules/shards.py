@@ -232,7 +232,7 @@ class SkipCounter:
         self._consecutive = 0  # per process: each worker holds its own copy
 
     def counts(self) -> np.ndarray:
-        """int64 [len(sources) + 1, len(SKIP_REASONS)]: skipped samples per source file (last row: unknown file)."""
+        """int64 [len(sources) + 1, len(SKIP_REASONS)]: skipped reads per source file (last row: unknown file)."""
         with self._counts.get_lock():
             flat = np.frombuffer(self._counts.get_obj(), dtype=np.int64).copy()
         return flat.reshape(len(self.sources) + 1, len(SKIP_REASONS))
@@ -286,7 +286,7 @@ def skip_summary(counts: np.ndarray, sources: Sequence[str], max_files: int = 10
     worst = [int(row) for row in np.argsort(-per_file, kind="stable") if per_file[row]][:max_files]
     files = "; ".join(f"{names[row]}: {int(per_file[row])}" for row in worst)
     more = len(np.flatnonzero(per_file)) - len(worst)
-    return f"skipped {total} unreadable samples ({reasons}); by file: {files}" + (
+    return f"skipped {total} reads of unreadable samples ({reasons}); by file: {files}" + (
         f"; {more} more files" if more else ""
     )
 

@@ -308,7 +308,7 @@ def test_broken_jpegs_in_training_shards_are_a_logged_count_and_a_summary(tmp_pa
     warned = output.count("skipping unreadable sample")  # one warning line per skipped sample, from the worker
     assert warned > 0
     summary = next(line for line in output.splitlines() if line.startswith("data (all ranks): skipped"))
-    assert f"skipped {warned} unreadable samples ({warned} corrupt or truncated image)" in summary
+    assert f"skipped {warned} reads of unreadable samples ({warned} corrupt or truncated image)" in summary
     record = json.loads((run / "csv" / "skipped_samples.json").read_text())
     assert record["skipped_samples"] == warned and set(record["by_file"]) <= set(shards)
     assert record["by_file"][shards[0]] == output.count(f"of '{shards[0]}'")
@@ -484,6 +484,6 @@ def test_reconstruction_mode_says_how_many_validation_images_it_skipped(tmp_path
     overrides += [f"data.val_shards={tmp_path / 'val'}", "data.num_workers=0", "batch_size=8", "metrics.is_splits=2"]
     sample.run(compose_sample([*overrides, "trainer.accelerator=cpu"], tmp_path), feature_extractor=tiny_extractor)
     assert (
-        f"reconstruction data: skipped 1 unreadable samples (1 corrupt or truncated image); by file: {shards[0]}: 1"
-        in (capsys.readouterr().out)
+        "reconstruction data: skipped 1 reads of unreadable samples (1 corrupt or truncated image); "
+        f"by file: {shards[0]}: 1" in capsys.readouterr().out
     )
