@@ -47,9 +47,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_full_error, run_cli
+from titok_lightning.convert import CheckpointMismatchError
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
-from titok_lightning.lit.generator import check_sampling, generate_images
+from titok_lightning.lit.generator import check_sampling, check_token_space, generate_images
 from titok_lightning.loading import (
+    TOKENIZER_WEIGHTS_KEY,
     PretrainedNotAvailableError,
     checkpoint_global_step,
     load_pretrained,
@@ -70,9 +72,10 @@ from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
 from titok_lightning.models.rar import RAR
 from titok_lightning.sampling import GraphCache
-from titok_lightning.text_encoder import CLIPTextEncoder
+from titok_lightning.text_encoder import CLIPTextEncoder, PretrainedTextEncoderUnavailableError
 
 log = logging.getLogger("sample")
+GENERATORS = (MaskGITGenerator, RAR, MaskGenVQ, MaskGenKL)
 
 # official generator -> the tokenizer whose tokens it models
 OFFICIAL_TOKENIZERS = {
@@ -93,17 +96,18 @@ CHUNK_SEED_STRIDE = 1_000_003
 # ----------------------------------------------------------------------------------------------------------
 
 
-def check_generator_checkpoint(path: str) -> None:
+def check_generator_checkpoint(path: str) -> str | None:
     """A one-line error for a ``.ckpt`` of this project that holds no generator, in particular a tokenizer's (train.py
     writes both, to paths that look alike); read memory-mapped, without its tensors. Missing files and other formats
-    are left to :func:`load_trained`'s own errors."""
+    are left to :func:`load_trained`'s own errors. Returns the fingerprint of the tokenizer's weights the generator
+    trained with, where the checkpoint records it."""
     if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
-        return
+        return None
     checkpoint = torch_load(path, mmap=True)
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     hparams = hparams if isinstance(hparams, Mapping) else {}
     if isinstance(hparams.get("generator"), Mapping):
-        return
+        return checkpoint.get(TOKENIZER_WEIGHTS_KEY)
     if isinstance(hparams.get("tokenizer"), Mapping):
         raise ValueError(
             f"ckpt_path={path} is a tokenizer checkpoint (train.py's tokenizer training), not a generator's: "
@@ -116,24 +120,57 @@ def check_generator_checkpoint(path: str) -> None:
     )
 
 
+def trained_text_encoder(path: str) -> dict[str, Any] | None:
+    """The text encoder settings a ``.ckpt`` of this project was trained with (read without its tensors), if any."""
+    if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
+        return None
+    hparams = torch_load(path, mmap=True).get("hyper_parameters") or {}
+    spec = hparams.get("text_encoder")
+    return dict(spec) if isinstance(spec, Mapping) else None
+
+
 def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer, nn.Module | None, str]:
     """(generator in eval mode, frozen tokenizer, CLIP text encoder or None, a name for the output folder)."""
     if (cfg.ckpt_path is None) == (cfg.generator is None):
         raise ValueError("give exactly one of ckpt_path=<generator .ckpt of this project> or generator=<official name>")
     text_encoder_spec = plain(cfg.text_encoder)
+    trained_with = None  # the fingerprint of the tokenizer weights the generator trained with, where recorded
     if cfg.ckpt_path is not None:
-        check_generator_checkpoint(str(cfg.ckpt_path))
+        trained_with = check_generator_checkpoint(str(cfg.ckpt_path))
         generator, hparams = load_trained(cfg.ckpt_path, "generator", use_ema=cfg.use_ema)
         tokenizer_source = cfg.tokenizer if cfg.tokenizer is not None else hparams.get("tokenizer")
         text_encoder_spec = hparams.get("text_encoder", text_encoder_spec)
         name = f"{Path(cfg.ckpt_path).stem}"
     else:
         generator = load_pretrained(str(cfg.generator), variant=cfg.generator_variant)
+        if not isinstance(generator, GENERATORS):
+            raise ValueError(
+                f"generator={cfg.generator} holds a model of class {type(generator).__name__}, not a generator "
+                f"({', '.join(kind.__name__ for kind in GENERATORS)}): give a generator's weights"
+            )
         tokenizer_source = cfg.tokenizer or OFFICIAL_TOKENIZERS.get(str(cfg.generator_variant or cfg.generator))
         name = Path(str(cfg.generator)).stem
     if tokenizer_source is None:
         raise ValueError("which tokenizer decodes this generator's tokens? set tokenizer=<name, file or .ckpt>")
+    recorded = plain(tokenizer_source) if cfg.tokenizer is None else None
+    if isinstance(recorded, str) and os.path.isabs(recorded) and not os.path.exists(recorded):
+        raise FileNotFoundError(
+            f"the tokenizer recorded in ckpt_path={cfg.ckpt_path}, {recorded}, does not exist (moved?): give "
+            "tokenizer=<its path now>"
+        )
     tokenizer = load_frozen_tokenizer(plain(tokenizer_source))
+    check_token_space(generator, tokenizer)
+    if trained_with is not None and weights_fingerprint(tokenizer) != trained_with:
+        changed = (
+            f"the tokenizer {tokenizer_source} has other weights than the generator of ckpt_path={cfg.ckpt_path} "
+            "was trained with (recorded in the checkpoint; a tokenizer run continued into the same file?)"
+        )
+        if cfg.tokenizer is None:
+            raise ValueError(
+                f"{changed}: its codes are not the generator's. Give tokenizer=<the tokenizer it was trained with>, "
+                f"or tokenizer={tokenizer_source} to decode with this one anyway"
+            )
+        log.warning("%s; decoding with it as asked", changed)
     text_encoder = None
     if isinstance(generator, (MaskGenVQ, MaskGenKL)):
         text_encoder = CLIPTextEncoder(**text_encoder_spec)
@@ -255,7 +292,9 @@ def check_output_identity(output_dir: Path, identity: dict[str, Any], overwrite:
                     detail = " (the folder predates weight fingerprints)"
                 elif "weights" in changed:
                     steps = previous.get("checkpoint_step"), identity.get("checkpoint_step")
-                    detail = f" (the model's weights changed; checkpoint step {steps[0]} -> {steps[1]})"
+                    detail = f" (the generator's weights changed; checkpoint step {steps[0]} -> {steps[1]})"
+                elif "tokenizer_weights" in changed:
+                    detail = " (the tokenizer's weights changed)"
                 elif "conditions" not in previous:
                     detail = " (the folder predates condition records)"
                 elif "conditions" in changed:
@@ -381,6 +420,8 @@ def inception_evaluator(cfg: DictConfig, device: torch.device) -> tuple[FeatureE
     try:
         extractor = load_inception_extractor(cfg.metrics.inception_weights_path, dtype=cfg.metrics.inception_dtype)
     except InceptionWeightsUnavailableError as error:
+        if cfg.metrics.inception_weights_path is not None:  # a file the user named: a mistake, not a missing cache
+            raise ValueError(f"metrics.inception_weights_path: {error}") from None
         print(f"metrics skipped: {error}")
         return None
     description = (
@@ -469,8 +510,12 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
 
     if cfg.tokenizer is None:
         raise ValueError("mode=reconstruct needs tokenizer=<name, file or .ckpt>")
+    if not cfg.data.val_shards:
+        raise ValueError("mode=reconstruct needs data.val_shards=<the held-out images' shards>")
     tokenizer = load_frozen_tokenizer(plain(cfg.tokenizer), use_ema=cfg.use_ema)
-    text_encoder = CLIPTextEncoder(**plain(cfg.text_encoder)) if tokenizer.needs_text else None
+    text_encoder = None
+    if tokenizer.needs_text:  # a TA-TiTok trained here decodes with the text encoder of its run
+        text_encoder = CLIPTextEncoder(**(trained_text_encoder(str(cfg.tokenizer)) or plain(cfg.text_encoder)))
     datamodule = ImageDataModule(
         val_shards=cfg.data.val_shards,
         image_size=cfg.data.image_size or tokenizer.image_size,
@@ -491,6 +536,8 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
             )
             evaluator = f"torch-fidelity InceptionV3 (TF-FID weights, {cfg.metrics.inception_dtype} internals)"
         except InceptionWeightsUnavailableError as error:
+            if cfg.metrics.inception_weights_path is not None:  # a file the user named: a mistake
+                raise ValueError(f"metrics.inception_weights_path: {error}") from None
             no_inception = str(error)
     else:
         no_inception = "metrics.enabled=false"
@@ -553,6 +600,13 @@ def default_output_dir(cfg: DictConfig, name: str) -> Path:
     return Path(cfg.paths.log_dir) / "samples" / f"{name}-seed{cfg.seed}"
 
 
+def source_identity(cfg: DictConfig) -> str:
+    """The generator's source for ``sample_config.json``: a local file by its absolute path, so that a rerun from
+    another folder or with another spelling of the path resumes its images."""
+    source = str(cfg.ckpt_path or cfg.generator)
+    return str(Path(source).resolve()) if os.path.exists(source) else source
+
+
 def checkpoint_step(ckpt_path: str | None) -> int | None:
     """The training step recorded in a Lightning checkpoint (for messages), None for other weight sources."""
     return None if ckpt_path is None else checkpoint_global_step(ckpt_path)
@@ -569,7 +623,7 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
     trainer = L.Trainer(**plain(cfg.trainer), logger=False, enable_checkpointing=False)
     if trainer.is_global_zero:
         identity = {
-            "source": str(cfg.ckpt_path or cfg.generator),
+            "source": source_identity(cfg),
             "seed": cfg.seed,
             "batch_size": cfg.batch_size,
             "sampling": sampling,
@@ -578,8 +632,12 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
             # which class / prompt each image index has: num_classes, num_per_class, the prompts' text
             "conditions": conditions_identity(conditions),
             "use_ema": cfg.use_ema,
-            # a checkpoint at the same path trained further must not reuse the old images
-            "weights": weights_fingerprint(generator, tokenizer),
+            # the numerics change the images too (bf16, TF32 matmuls): a resume must not mix two of them
+            "precision": str(cfg.trainer.precision),
+            "float32_matmul_precision": cfg.get("float32_matmul_precision"),
+            # a checkpoint at the same path trained further, or its tokenizer's, must not reuse the old images
+            "weights": weights_fingerprint(generator),
+            "tokenizer_weights": weights_fingerprint(tokenizer),
             "checkpoint_step": checkpoint_step(cfg.ckpt_path),
         }
         check_output_identity(output_dir, identity, overwrite=cfg.overwrite)
@@ -589,6 +647,14 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
     total_chunks = math.ceil(len(conditions) / cfg.batch_size)
     if trainer.is_global_zero:
         print(f"{len(conditions)} images in {total_chunks} chunks; {len(chunks)} to generate into {folder}")
+    evaluator = None  # before any image: a wrong weights file or reference is not found after hours of sampling
+    if trainer.is_global_zero and cfg.metrics.enabled:
+        if cfg.metrics.reference is not None and not os.path.exists(str(cfg.metrics.reference)):
+            raise FileNotFoundError(f"metrics.reference={cfg.metrics.reference} does not exist")
+        if feature_extractor is not None:
+            evaluator = (feature_extractor, "injected feature extractor (not comparable with published numbers)")
+        else:
+            evaluator = inception_evaluator(cfg, trainer.strategy.root_device)
     module = GenerationModule(generator, tokenizer, text_encoder, folder, cfg.seed, sampling, cfg.aesthetic_score)
     if len(chunks):
         loader = DataLoader(chunks, batch_size=1, collate_fn=lambda items: items[0])
@@ -602,12 +668,7 @@ def generate(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None)
         print(f"wrote {output_dir / 'samples.npz'} (arr_0: uint8 {list(images.shape)})")
     if not cfg.metrics.enabled:
         return {}
-    device = trainer.strategy.root_device
-    if feature_extractor is not None:
-        evaluator = (feature_extractor, "injected feature extractor (not comparable with published numbers)")
-    else:
-        evaluator = inception_evaluator(cfg, device)
-    return report_metrics(cfg, images, output_dir, evaluator, device)
+    return report_metrics(cfg, images, output_dir, evaluator, trainer.strategy.root_device)
 
 
 def run(cfg: DictConfig, feature_extractor: FeatureExtractor | None = None) -> dict[str, Any]:
@@ -635,7 +696,14 @@ def exit_on_sigterm() -> None:
 
 
 # Errors in what the user typed or configured: one line on stderr (HYDRA_FULL_ERROR=1: the whole traceback).
-USER_ERRORS = (*CONFIG_ERRORS, ValueError, FileNotFoundError, PretrainedNotAvailableError)
+USER_ERRORS = (
+    *CONFIG_ERRORS,
+    ValueError,
+    FileNotFoundError,
+    PretrainedNotAvailableError,
+    PretrainedTextEncoderUnavailableError,
+    CheckpointMismatchError,
+)
 
 # conf/ also holds train.py's config groups, which sample.py composes none of (its data and trainer are settings)
 TRAIN_GROUPS = ("callbacks", "data", "debug", "experiment", "logger", "model", "trainer")

@@ -43,7 +43,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
 from datamodules.shards import DataError  # noqa: E402
 from titok_lightning.cli import CONFIG_ERRORS, MOVED_KEYS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
-from titok_lightning.lit.generator import ClassLabelError  # noqa: E402
+from titok_lightning.lit.generator import ClassLabelError, TokenizerChangedError  # noqa: E402
 from titok_lightning.lit.resume import (  # noqa: E402
     RunFolderInUseError,
     RunLock,
@@ -55,9 +55,11 @@ from titok_lightning.loading import NotACheckpointError, checkpoint_global_step 
 log = logging.getLogger("train")
 
 # Expected with this project's design, not problems: frozen helpers (teacher, perceptual, text encoder) stay in
-# eval mode, and with manual optimization checkpoints hold the weights after the step they are numbered with.
+# eval mode, with manual optimization checkpoints hold the weights after the step they are numbered with, and the
+# class-conditional generators check labels in on_before_batch_transfer (on the host), a hook no datamodule here has.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but")
 
 
 class MissingSettingError(ValueError):
@@ -83,6 +85,7 @@ USER_ERRORS = (
     NotACheckpointError,
     RunFolderInUseError,
     DataError,
+    TokenizerChangedError,
 )
 
 
@@ -223,15 +226,19 @@ def interval_error(cfg: DictConfig, error: ValueError) -> RunSettingError | None
 def checkpoint_to_test(cfg: DictConfig) -> str:
     """``ckpt_path``, else the run folder's newest readable checkpoint (``hydra.run.dir=<run>``); never the untrained
     weights."""
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    found = newest_checkpoint(cfg.paths.checkpoint_dir, cfg.paths.output_dir)
+    found = (
+        str(cfg.ckpt_path)
+        if cfg.get("ckpt_path")
+        else newest_checkpoint(cfg.paths.checkpoint_dir, cfg.paths.output_dir)
+    )
     if found is None:
         raise RunSettingError(
             "train=false test=true needs trained weights: give ckpt_path=<file.ckpt>, or hydra.run.dir=<a run "
             f"folder with checkpoints> ({cfg.paths.checkpoint_dir} has none)"
         )
-    log.info("testing %s", found)
+    changed_settings(cfg, found)  # refuses a checkpoint of another module
+    if not cfg.get("ckpt_path"):
+        log.info("testing %s", found)
     return found
 
 
@@ -300,26 +307,36 @@ def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def changed_settings(cfg: DictConfig, ckpt_path: str) -> dict[str, str] | None:
+    """The settings of this start that differ from those of the run that wrote ``ckpt_path`` (``config.yaml`` beside
+    it), each described as ``key: old -> new``; None without that file. A checkpoint of another module is refused."""
+    previous_file = Path(ckpt_path).parent / "config.yaml"
+    if not previous_file.is_file():
+        return None
+    previous = flat_settings(OmegaConf.to_container(OmegaConf.load(previous_file), resolve=False))
+    current = flat_settings(OmegaConf.to_container(job_config(cfg), resolve=True))
+    if previous.get("model._target_") != current.get("model._target_"):
+        raise ChangedOnResumeError(
+            f"{ckpt_path} is a checkpoint of {previous.get('model._target_')} (task {previous.get('task_name')}); "
+            f"this run {'tests' if not cfg.get('train', True) else 'trains'} {current.get('model._target_')}: "
+            "give a checkpoint of this experiment"
+        )
+    return {
+        key: f"{key}: {previous.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted(previous.keys() | current.keys())
+        if previous.get(key) != current.get(key) and not key.startswith(NOT_COMPARED_ON_RESUME)
+    }
+
+
 def check_resumed_settings(cfg: DictConfig, ckpt_path: str) -> None:
     """Compare this start's settings with those of the run that wrote ``ckpt_path`` (``config.yaml`` beside it):
     refuse changed optimizer / schedule settings and a generator's changed tokenizer, say which other settings
     changed."""
-    previous_file = Path(ckpt_path).parent / "config.yaml"
-    if not previous_file.is_file():
+    described = changed_settings(cfg, ckpt_path)
+    if described is None:
         return
-    previous = flat_settings(OmegaConf.to_container(OmegaConf.load(previous_file), resolve=False))
+    changed = list(described)
     current = flat_settings(OmegaConf.to_container(job_config(cfg), resolve=True))
-    changed = [
-        key
-        for key in sorted(previous.keys() | current.keys())
-        if previous.get(key) != current.get(key) and not key.startswith(NOT_COMPARED_ON_RESUME)
-    ]
-    described = {key: f"{key}: {previous.get(key)!r} -> {current.get(key)!r}" for key in changed}
-    if previous.get("model._target_") != current.get("model._target_"):
-        raise ChangedOnResumeError(
-            f"{ckpt_path} is a checkpoint of {previous.get('model._target_')} (task {previous.get('task_name')}); "
-            f"this run trains {current.get('model._target_')}: give a checkpoint of this experiment"
-        )
     if any(key.startswith("model.generator") for key in current):  # a generator is trained on its tokenizer's codes
         other_codes = [described[key] for key in changed if key.startswith("model.tokenizer")]
         if other_codes:
@@ -511,9 +528,27 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not trainer.fast_dev_run:
             metrics.update(report(cfg, trainer, module, datamodule, logged=trained))
     if cfg.get("test", False):
-        for result in trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt_path):
+        try:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=test_ckpt_path)
+        except RuntimeError as error:
+            if "Error(s) in loading state_dict" not in str(error):
+                raise
+            raise unfit_checkpoint_error(cfg, str(test_ckpt_path), error) from error
+        for result in results:
             metrics.update(result)
     return metrics
+
+
+def unfit_checkpoint_error(cfg: DictConfig, ckpt_path: str, error: RuntimeError) -> RunSettingError:
+    """A checkpoint that does not fit the model of this start's settings, with the model settings its run differs in."""
+    problem = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+    described = changed_settings(cfg, ckpt_path) or {}
+    model_changes = [text for key, text in described.items() if key.startswith("model.")]
+    differ = f"; its run had other model settings ({'; '.join(model_changes[:8])})" if model_changes else ""
+    return RunSettingError(
+        f"{ckpt_path} does not fit the model these settings build ({problem[:300]}){differ}: test it with the "
+        "settings it was trained with"
+    )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

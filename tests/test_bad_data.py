@@ -239,7 +239,9 @@ def test_sample_rerun_after_the_checkpoint_trained_further_refuses_then_regenera
         first = data["arr_0"]
 
     generator_checkpoint(ckpt, tokenizer, step=80, seed=1)  # the run went on: same path, new weights
-    with pytest.raises(ValueError, match=r"weights differ \(the model's weights changed; checkpoint step 40 -> 80\)"):
+    with pytest.raises(
+        ValueError, match=r"weights differ \(the generator's weights changed; checkpoint step 40 -> 80\)"
+    ):
         sample.run(compose_sample(overrides, tmp_path / "h2"))
     sample.run(compose_sample([*overrides, "overwrite=true"], tmp_path / "h3"))
     with np.load(out / "samples.npz") as data:

@@ -23,7 +23,13 @@ from datamodules.shards import collate_samples
 from datamodules.tokens import write_token_shards
 from tests.test_configs import CONF, MANIFESTS, ROOT, compose_job, compose_train
 from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
-from titok_lightning.lit.generator import MaskGenKLModule, MaskGenVQModule, MaskGITModule, RARModule
+from titok_lightning.lit.generator import (
+    MaskGenKLModule,
+    MaskGenVQModule,
+    MaskGITModule,
+    RARModule,
+    TokenizerChangedError,
+)
 from titok_lightning.loading import build_model
 from titok_lightning.models.rar import RAR
 from titok_lightning.registry import model_kwargs
@@ -519,11 +525,11 @@ def test_maskgen_kl_reads_stored_posterior_moments():
 
 
 # ----------------------------------------------------------------------------------------- the whole pipeline
-def tokenizer_checkpoint(path: Path) -> Path:
+def tokenizer_checkpoint(path: Path, seed: int = 0) -> Path:
     """A tokenizer checkpoint in the layout of this project's tokenizer training (EMA weights in state_dict)."""
     spec = {k: v for k, v in TINY_TOKENIZERS["vq"].items() if k != "pretrained"}
     with torch.random.fork_rng(devices=[]):  # the same weights whatever ran before (some draws decode to flat images)
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = build_model(spec)
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     torch.save({"hyper_parameters": {"tokenizer": spec}, "state_dict": state}, path)
@@ -635,6 +641,22 @@ def test_pretokenize_train_sample_resume(tmp_path):
 
     with pytest.raises(ValueError, match="other settings"):
         sample.run(compose_sample([*overrides, "seed=7", f"output_dir={out}"], tmp_path / "sample_run3"))
+
+    # the tokenizer run goes on into the same file: the generator checkpoint's tokenizer is no longer the one it
+    # learned the codes of. Sampling, loading and resuming refuse it; naming the file as tokenizer= decodes with it
+    tokenizer_checkpoint(ckpt, seed=1)
+    with pytest.raises(ValueError, match=r"the tokenizer .*tokenizer\.ckpt has other weights than the generator"):
+        sample.run(compose_sample(overrides, tmp_path / "sample_run4"), feature_extractor=tiny_extractor)
+    with pytest.raises(TokenizerChangedError, match="is not the one this generator checkpoint was trained with"):
+        MaskGITModule.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    with pytest.raises(TokenizerChangedError):
+        train_generator(ckpt)
+    anyway = [*overrides, f"tokenizer={ckpt}"]
+    with pytest.raises(ValueError, match=r"tokenizer_weights differ \(the tokenizer's weights changed\)"):
+        sample.run(compose_sample(anyway, tmp_path / "sample_run5"), feature_extractor=tiny_extractor)
+    sample.run(compose_sample([*anyway, "overwrite=true"], tmp_path / "sample_run6"), feature_extractor=tiny_extractor)
+    with np.load(out / "samples.npz") as data:
+        assert data["arr_0"].shape == first.shape and not np.array_equal(data["arr_0"], first)
 
 
 # ------------------------------------------------------------------------------------------------------ metrics

@@ -146,17 +146,23 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "source, named",
+    "source, named, local",
     [
-        ("titok_l32", ["yucornetto/tokenizer_titok_l32_imagenet", "config.json", "model.safetensors"]),
+        ("titok_l32", ["yucornetto/tokenizer_titok_l32_imagenet", "config.json", "model.safetensors"], "<DIR>"),
         (
             "turkeyju/tokenizer_tatitok_bl32_vae",
             ["turkeyju/tokenizer_tatitok_bl32_vae", "config.json", "model.safetensors"],
+            "<DIR>",
         ),
-        ("maskgit_vqgan_f16_256", ["fun-research/TiTok", "maskgit-vqgan-imagenet-f16-256.bin"]),
+        # a folder is read by the Hugging Face file names: a file of another name is loaded by its own path
+        (
+            "maskgit_vqgan_f16_256",
+            ["fun-research/TiTok", "maskgit-vqgan-imagenet-f16-256.bin"],
+            "<DIR>/maskgit-vqgan-imagenet-f16-256.bin",
+        ),
     ],
 )
-def test_offline_gives_one_clear_error(offline, source, named):
+def test_offline_gives_one_clear_error(offline, source, named, local):
     with pytest.raises(PretrainedNotAvailableError) as err:
         load_pretrained(source)
     message = str(err.value)
@@ -164,6 +170,7 @@ def test_offline_gives_one_clear_error(offline, source, named):
         assert text in message
     repo = named[0]
     assert f"`{download_command(repo, named[1:])}`" in message and "HF_HUB_OFFLINE" in message
+    assert f"add `--local-dir <DIR>` and load {local};" in message
     assert "\n" not in message
     assert err.value.__cause__ is None and (err.value.__context__ is None or err.value.__suppress_context__)
 

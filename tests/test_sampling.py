@@ -175,6 +175,14 @@ def test_maskgit_guidance_is_a_no_op_when_the_null_class_equals_the_class(maskgi
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("outside", [[5], [-1], [0, 7]])
+def test_class_ids_outside_the_generator_classes_are_refused(maskgit, rar, outside):
+    # 5 of 5 classes would sample the null (unconditional) class, -1 the mask token's condition
+    for model, settings in ((maskgit, {"num_steps": 2}), (rar, {})):
+        with pytest.raises(ValueError, match=r"class ids \[-?\d\] are outside the generator's 5 classes \(0..4\)"):
+            model.generate(torch.tensor(outside), generator=0, **settings)
+
+
 def test_randomness_ratio_anneals_from_one_to_zero():
     assert [randomness_ratio(s, 10, 20) for s in (0, 10, 15, 20, 30)] == [1.0, 1.0, 0.5, 0.0, 0.0]
 

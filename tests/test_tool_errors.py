@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from tests.test_configs import ROOT
 from titok_lightning.loading import build_model
@@ -161,10 +162,17 @@ def test_reading_damaged_checkpoints_names_the_file_and_why(tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     torch.save({"state_dict": {"x": fractions.Fraction(1, 3)}}, tmp_path / "objects.ckpt")
     (tmp_path / "legacy.ckpt").write_bytes(b"\x80\x02garbage")  # a pickle's opening, then nonsense
+    weights = {"w": torch.zeros(64, 64)}
+    torch.save(weights, tmp_path / "old.bin", _use_new_zipfile_serialization=False)  # torch's legacy format
+    save_file(weights, tmp_path / "model.safetensors")
+    for name in ("old.bin", "model.safetensors"):  # cut off in a copy
+        (tmp_path / f"cut-{name}").write_bytes((tmp_path / name).read_bytes()[:8000])
     expected = {
         "cut.ckpt": "is not a checkpoint written by torch.save (a zip archive without its end",
         "objects.ckpt": "holds objects that torch.load(weights_only=True) refuses (UnpicklingError: Unsupported global",
         "legacy.ckpt": "is not a checkpoint written by torch.save (UnpicklingError: ",
+        "cut-old.bin": "is not a complete checkpoint written by torch.save (unexpected EOF",
+        "cut-model.safetensors": "is not a complete safetensors file (",
     }
     for name, message in expected.items():
         with pytest.raises(NotACheckpointError) as error:

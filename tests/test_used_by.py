@@ -165,6 +165,15 @@ def test_validate_and_test_with_ckpt_path_use_the_checkpoint(tmp_path, digits_ca
         assert result.returncode == 0, result.stderr[-3000:]
         assert mse_printed_by_test(result.stdout) == pytest.approx(expected[0]["val/mse"], rel=1e-6), weights
 
+    # with settings that build another model: one line naming the settings its run differs in
+    other = tiny_demo(
+        tmp_path, digits_cache, "train=false", "test=true", f"ckpt_path={ckpt}", "model.tokenizer.codebook_size=64"
+    )
+    assert other.returncode == 1 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    last = other.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train.py: error: {ckpt} does not fit the model these settings build (size mismatch"), last
+    assert "its run had other model settings (model.tokenizer.codebook_size: " in last and "-> 64" in last, last
+
 
 def tiny_demo(tmp_path: Path, digits_cache: str, *overrides: str) -> subprocess.CompletedProcess:  # noqa: F811
     """``python train.py`` of the demo experiment at test size on the embedded digits, in ``tmp_path``."""

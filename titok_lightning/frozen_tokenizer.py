@@ -52,14 +52,18 @@ class FrozenTokenizer(nn.Module):
         elif isinstance(tokenizer, TiTok):
             if tokenizer.decoder.is_legacy and not tokenizer.finetune_decoder:
                 raise ValueError(
-                    "a stage-1 TiTok predicts proxy codes, not pixels: generators need the stage-2 tokenizer "
-                    "(a checkpoint of the stage-2 recipe, or an official titok_* tokenizer)"
+                    "a stage-1 TiTok predicts proxy codes, not pixels: decoding to images (a generator's samples, "
+                    "sample.py mode=reconstruct) needs the stage-2 tokenizer (a checkpoint of the stage-2 recipe, or "
+                    "an official titok_* tokenizer); a stage-1 run's own validation reports its reconstructions"
                 )
             self.kind, self.num_tokens = tokenizer.quantize_mode, tokenizer.num_latent_tokens
             self.codebook_size = tokenizer.quantize.codebook_size if self.kind == "vq" else None
             self.token_size = tokenizer.token_size if self.kind == "vae" else None
         else:
-            raise TypeError(f"unsupported tokenizer {type(tokenizer).__name__} (MaskGITVQGAN, TiTok or TATiTok)")
+            raise ValueError(  # e.g. a generator's checkpoint given as the tokenizer: the two look alike
+                f"the tokenizer given holds a model of class {type(tokenizer).__name__}, not a tokenizer "
+                "(MaskGITVQGAN, TiTok or TATiTok): give a tokenizer's checkpoint, weight file or registry name"
+            )
         self.image_size = tokenizer.image_size
         self.needs_text = isinstance(tokenizer, TATiTok)
         self.model = tokenizer.requires_grad_(False).eval()

@@ -183,12 +183,14 @@ def download_command(repo_id: str, filenames: Iterable[str]) -> str:
 def _not_cached(repo_id: str, filenames: list[str], reason: str) -> PretrainedNotAvailableError:
     from huggingface_hub import constants
 
+    # a folder is read by its Hugging Face file names; a single file of another name is loaded by its path
+    local = "<DIR>" if any(name in HF_WEIGHT_FILES for name in filenames) else f"<DIR>/{filenames[0]}"
     return PretrainedNotAvailableError(
         f"{' and '.join(filenames)} of the Hugging Face repo {repo_id} (https://huggingface.co/{repo_id}) "
         f"{'are' if len(filenames) > 1 else 'is'} not in the local cache ({constants.HF_HUB_CACHE}) and {reason}. "
         f"Download {'them' if len(filenames) > 1 else 'it'} on a machine with internet access with "
         f"`{download_command(repo_id, filenames)}` and copy the cache (HF_HOME) here, or add `--local-dir <DIR>` "
-        f"and load <DIR>; with the files in the cache, HF_HUB_OFFLINE=1 skips the network."
+        f"and load {local}; with the files in the cache, HF_HUB_OFFLINE=1 skips the network."
     )
 
 
@@ -319,8 +321,8 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
                 f"{path} holds objects that torch.load(weights_only=True) refuses ({why})"
             ) from error
         raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})") from error
-    except RuntimeError as error:
-        if not str(error).startswith("PytorchStreamReader"):
+    except RuntimeError as error:  # a zip archive's reader, or the legacy (non-zip) format's "unexpected EOF"
+        if not (str(error).startswith("PytorchStreamReader") or "unexpected EOF" in str(error)):
             raise
         why = str(error).split(". ")[0]
         raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
@@ -331,9 +333,13 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``{"state_dict": ...}`` wrapper is unwrapped)."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise NotACheckpointError(f"{path} is not a complete safetensors file ({error})") from error
     return _tensors(torch_load(path), path)
 
 
@@ -359,17 +365,16 @@ def checkpoint_model_state(
     """Weights of ``pl_module.model`` in a Lightning checkpoint of this project, keys without ``model.``.
 
     With ``use_ema`` (default) these are the EMA weights when the run used the EMA callback (its checkpoints keep
-    them in ``state_dict``), else the training weights that callback stores.
+    them in ``state_dict``), else the training weights that callback stores; a run without the EMA callback (RAR's
+    recipes) has only its training weights, which both then are.
     """
     state_dict = dict(checkpoint["state_dict"])
-    if not use_ema:
-        ema_state = checkpoint.get("callbacks", {}).get(EMA_STATE_KEY)
-        if ema_state is None:
-            raise KeyError(f"{origin} has no EMA callback state: its state_dict holds the training weights")
+    ema_state = checkpoint.get("callbacks", {}).get(EMA_STATE_KEY)
+    if not use_ema and ema_state is not None:
         state_dict.update(ema_state["raw_model_state"])
     model_state = {k[len(MODEL_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
     if not model_state:
-        raise KeyError(f"no '{MODEL_PREFIX}*' keys in the state_dict of {origin}")
+        raise ValueError(f"no '{MODEL_PREFIX}*' keys in the state_dict of {origin}")
     return model_state
 
 
@@ -545,7 +550,7 @@ def load_trained(path: str | os.PathLike, role: str, use_ema: bool = True) -> tu
     weights = read_weights(path, use_ema)
     hparams = weights.hyper_parameters or {}
     if not isinstance(hparams.get(role), Mapping):
-        raise KeyError(f"{path} was not written by a {role} module of this project (no hyper_parameters.{role})")
+        raise ValueError(f"{path} was not written by a {role} module of this project (no hyper_parameters.{role})")
     return load_weights(build_model(hparams[role]), weights).eval(), hparams
 
 
@@ -576,6 +581,15 @@ def load_spec(spec: Mapping[str, Any], what: str = "model", use_ema: bool = True
     source = os.fspath(source)
     variant = None if source in list_models() else name
     return load_pretrained(source, variant=variant, use_ema=use_ema, **lists_to_tuples(spec))
+
+
+# where a generator checkpoint records the weights_fingerprint of the frozen tokenizer it trained with
+TOKENIZER_WEIGHTS_KEY = "tokenizer_weights"
+
+
+def has_random_weights(spec: Any) -> bool:
+    """Whether :func:`load_spec` builds ``spec`` with random weights (``pretrained: null``; tests and the demo)."""
+    return isinstance(spec, Mapping) and "checkpoint" not in spec and spec.get("pretrained") is None
 
 
 def weights_fingerprint(*modules: nn.Module) -> str:

@@ -296,17 +296,28 @@ def load_inception_extractor(
             f"{INCEPTION_WEIGHTS_URL} to {candidates[0]}, or pass the file: metrics.inception_weights_path=<file> "
             "(sample.py), callbacks.reconstruction_metrics.inception_weights_path=<file> (train.py)."
         )
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    from titok_lightning.loading import NotACheckpointError, torch_load
+
+    try:
+        state_dict = torch_load(path)
+    except NotACheckpointError as error:
+        raise InceptionWeightsUnavailableError(f"{error}: not the InceptionV3 (FID) weights") from None
     # torch-fidelity only loads from a path with weights_only=False: hand it the verified tensors re-serialised.
     buffer = io.BytesIO()
     torch.save(state_dict, buffer)
     buffer.seek(0)
-    extractor = FeatureExtractorInceptionV3(
-        "inception-v3-compat",
-        ["2048", "logits_unbiased"],
-        feature_extractor_weights_path=buffer,
-        feature_extractor_internal_dtype=dtype,
-    )
+    try:
+        extractor = FeatureExtractorInceptionV3(
+            "inception-v3-compat",
+            ["2048", "logits_unbiased"],
+            feature_extractor_weights_path=buffer,
+            feature_extractor_internal_dtype=dtype,
+        )
+    except RuntimeError as error:  # load_state_dict's missing / unexpected keys
+        problem = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise InceptionWeightsUnavailableError(
+            f"{path} does not hold the InceptionV3 (FID) weights of {INCEPTION_WEIGHTS_URL} ({problem[:200]})"
+        ) from None
     return extractor.to(device)
 
 

@@ -24,6 +24,7 @@ generation path, used by ``sample.py``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -39,7 +40,14 @@ from torchvision.utils import make_grid, save_image
 
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, TokenizerSource, load_frozen_tokenizer
 from titok_lightning.lit.base import TrainingModule, samples_in
-from titok_lightning.loading import build_model, load_weights, plain
+from titok_lightning.loading import (
+    TOKENIZER_WEIGHTS_KEY,
+    build_model,
+    has_random_weights,
+    load_weights,
+    plain,
+    weights_fingerprint,
+)
 from titok_lightning.losses import ARLoss, MLMLoss
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
@@ -193,6 +201,35 @@ class GeneratorModule(TrainingModule):
         check_sampling(self.model, self.sampling, "model.sampling")  # else the grids fail at their first step
         self._check_sample_grid()
 
+    # ------------------------------------------------------------------------------- the tokenizer's record
+    @functools.cached_property
+    def tokenizer_weights(self) -> str:
+        """Fingerprint of the frozen tokenizer's weights (frozen: computed once)."""
+        return weights_fingerprint(self.tokenizer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.tokenizer is not None and not has_random_weights(self.hparams.tokenizer):
+            # the tokenizer is saved as its source only, and a source can change (a tokenizer run continued into
+            # the same last.ckpt): its weights' fingerprint tells a later load whether its codes are still these
+            checkpoint[TOKENIZER_WEIGHTS_KEY] = self.tokenizer_weights
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a tokenizer source whose weights changed since the checkpoint was written (its codes are not the
+        ones the generator learned); a tokenizer given instead of the recorded source is the caller's choice: warn."""
+        super().on_load_checkpoint(checkpoint)
+        recorded = checkpoint.get(TOKENIZER_WEIGHTS_KEY)
+        if recorded is None or self.tokenizer is None or recorded == self.tokenizer_weights:
+            return
+        message = (
+            f"the tokenizer {self.hparams.tokenizer} is not the one this generator checkpoint was trained with: its "
+            "weights differ from those recorded in the checkpoint (a tokenizer run continued into the same file?), "
+            "so its codes are not the ones the generator learned"
+        )
+        if (checkpoint.get("hyper_parameters") or {}).get("tokenizer") == self.hparams.tokenizer:
+            raise TokenizerChangedError(f"{message}; point model.tokenizer at the tokenizer it was trained with")
+        log.warning("%s; decoding with it as asked", message)
+
     # ---------------------------------------------------------------------------------------- token space
     def _complete_token_space(self, spec: dict[str, Any]) -> dict[str, Any]:
         if "name" not in spec:
@@ -326,22 +363,57 @@ class GeneratorModule(TrainingModule):
             yield
 
 
-def sampler_settings(generator: nn.Module) -> set[str]:
-    """Names of the sampler settings ``generator.generate`` accepts (its ``sampling`` dataclass, or its keywords)."""
+def sampler_settings(generator: nn.Module) -> dict[str, str]:
+    """The sampler settings ``generator.generate`` accepts (its ``sampling`` dataclass, or its keywords): name ->
+    declared type, as written in the annotation (``"int"``, ``"float"``, ...)."""
     if dataclasses.is_dataclass(getattr(generator, "sampling", None)):
-        return {field.name for field in dataclasses.fields(generator.sampling)}
+        return {field.name: str(field.type) for field in dataclasses.fields(generator.sampling)}
     inputs = {"condition", "condition_pooled", "null_condition", "null_condition_pooled", "aesthetic_score"}
-    return set(inspect.signature(generator.generate).parameters) - inputs - {"generator", "progress"}
+    parameters = inspect.signature(generator.generate).parameters
+    return {name: str(p.annotation) for name, p in parameters.items() if name not in {*inputs, "generator", "progress"}}
+
+
+# declared type of a sampler setting -> the values it takes (a command line's 8 is an int, also for a float), in words
+SETTING_VALUES = {
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
 
 
 def check_sampling(generator: nn.Module, sampling: Mapping[str, Any], key: str) -> None:
-    """A clear error for ``sampling`` settings (config key ``key``) that ``generator``'s sampler does not take."""
-    unknown = sorted(set(sampling) - sampler_settings(generator))
+    """A clear error for ``sampling`` settings (config key ``key``) that ``generator``'s sampler does not take, or
+    values it would refuse only at its first call (sample.py checks before it writes or removes any image)."""
+    settings = sampler_settings(generator)
+    unknown = sorted(set(sampling) - set(settings))
     if unknown:
         raise ValueError(
-            f"{key}: {unknown} are not settings of {type(generator).__name__}'s sampler; it takes "
-            f"{sorted(sampler_settings(generator))}"
+            f"{key}: {unknown} are not settings of {type(generator).__name__}'s sampler; it takes {sorted(settings)}"
         )
+    for name, value in sampling.items():
+        values, words = SETTING_VALUES.get(settings[name], (None, ""))
+        if values and (not isinstance(value, values) or (isinstance(value, bool) and bool not in values)):
+            raise ValueError(f"{key}.{name} must be {words}, got {value!r}")
+    if dataclasses.is_dataclass(getattr(generator, "sampling", None)):
+        try:  # the settings' own checks (num_steps >= 1, a known guidance_decay, ...)
+            dataclasses.replace(generator.sampling, **sampling)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
+
+
+def check_token_space(generator: nn.Module, tokenizer: FrozenTokenizer) -> None:
+    """A clear error when ``tokenizer`` does not decode ``generator``'s tokens (another codebook or token count)."""
+    modules = ((ClassConditionalModule, (MaskGITGenerator, RAR)), (MaskGenVQModule, MaskGenVQ))
+    modules += ((MaskGenKLModule, MaskGenKL),)
+    space = next((module.TOKEN_SPACE for module, models in modules if isinstance(generator, models)), {})
+    for attribute, tokenizer_attribute in space.items():
+        have, decoded = getattr(generator, attribute), getattr(tokenizer, tokenizer_attribute)
+        if have != decoded:
+            raise ValueError(
+                f"the generator ({type(generator).__name__}) models {attribute}={have}, the tokenizer has "
+                f"{tokenizer_attribute}={decoded}: give the tokenizer the generator was trained with"
+            )
 
 
 def _absolute_paths(spec: Any) -> Any:
@@ -355,6 +427,10 @@ def _absolute_paths(spec: Any) -> Any:
 
 class ClassLabelError(ValueError):
     """A batch's class labels are outside the generator's classes."""
+
+
+class TokenizerChangedError(ValueError):
+    """The tokenizer at a generator checkpoint's recorded source has other weights than it was trained with."""
 
 
 class ClassConditionalModule(GeneratorModule):

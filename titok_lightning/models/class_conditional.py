@@ -47,6 +47,16 @@ class ClassConditionalGenerator(FromReferenceConfig, nn.Module):
         """Class ids [B] -> condition token ids [B], replaced by the null class with ``cond_drop_prob``."""
         return class_condition_ids(class_ids, self.codebook_size, self.num_classes, cond_drop_prob, generator)
 
+    def check_class_ids(self, class_ids: torch.Tensor) -> None:
+        """Refuse class ids outside ``[0, num_classes)`` (one host sync per call): id ``num_classes`` would be the
+        null (unconditional) class and -1 the mask token's condition, without a word."""
+        if class_ids.numel() and (int(class_ids.min()) < 0 or int(class_ids.max()) >= self.num_classes):
+            outside = sorted({int(i) for i in class_ids[(class_ids < 0) | (class_ids >= self.num_classes)]})
+            raise ValueError(
+                f"class ids {outside[:10]} are outside the generator's {self.num_classes} classes "
+                f"(0..{self.num_classes - 1})"
+            )
+
     def null_condition(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
         return torch.full((batch_size,), self.null_condition_id, dtype=torch.long, device=device)
 

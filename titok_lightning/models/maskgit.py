@@ -126,6 +126,7 @@ class MaskGITGenerator(ClassConditionalGenerator):
         """Sample image token ids [B, N] in [0, codebook_size) for class ids [B] with ``self.sampling``
         (fields overridable by keyword, e.g. ``guidance_scale=2.0``); ``graphs`` keeps the CUDA graphs for the
         next call."""
+        self.check_class_ids(condition)
         return maskgit_generate(self, condition, replace(self.sampling, **overrides), generator, progress, graphs)
 
     # -- reference checkpoints -------------------------------------------------------------------------------

@@ -411,6 +411,7 @@ class RAR(ClassConditionalGenerator):
     ) -> torch.Tensor:
         """Sample image token ids [B, N] for class ids [B] with ``self.sampling`` (fields overridable); ``graphs``
         keeps the CUDA graphs for the next call."""
+        self.check_class_ids(condition)
         return rar_generate(self, condition, replace(self.sampling, **overrides), generator, progress, graphs)
 
     # -- reference checkpoints -----------------------------------------------------------------------------
