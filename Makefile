@@ -1,6 +1,6 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-# Torch from the local wheel cache where one exists; any torch>=2.4 works.
+# Torch from the local wheel cache where one exists; torch>=2.4 works (trainer=fsdp: torch>=2.7).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test demo lint format

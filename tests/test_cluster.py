@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
+from tests.test_configs import needs_fsdp2
 from tests.test_resume import (
     assert_same_run,
     checkpoint,
@@ -24,6 +24,7 @@ from tests.test_resume import (
     wait_for,
 )
 from tests.test_train import digits_cache, tiny_overrides  # noqa: F401 (digits_cache: a fixture)
+from titok_lightning.tensors import is_sharded
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM_TRAINER = ["trainer=slurm", "trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
@@ -102,7 +103,7 @@ class DataAndWeightLog(L.Callback):
     def on_train_end(self, trainer, pl_module):
         weights = {}
         for name, value in pl_module.model.state_dict().items():
-            weights[name] = value.full_tensor() if isinstance(value, DTensor) else value
+            weights[name] = value.full_tensor() if is_sharded(value) else value
         torch.save(weights, self.folder / f"weights-rank{trainer.global_rank}.pt")
 
 
@@ -130,8 +131,15 @@ def fsdp_node_env(node: int, port: int) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     "strategy, node_env",
-    [(SLURM_TRAINER, ddp_node_env), (["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1"], fsdp_node_env)],
-    ids=["ddp-slurm-variables", "fsdp-torch-variables"],
+    [
+        pytest.param(SLURM_TRAINER, ddp_node_env, id="ddp-slurm-variables"),
+        pytest.param(
+            ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=1"],
+            fsdp_node_env,
+            id="fsdp-torch-variables",
+            marks=needs_fsdp2,
+        ),
+    ],
 )
 def test_two_nodes_agree_see_each_sample_once_and_resume(strategy, node_env, tmp_path, digits_cache):  # noqa: F811
     run_dir = tmp_path / "run"

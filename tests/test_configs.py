@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from titok_lightning.lit.resume import AtomicCheckpointIO
-from titok_lightning.lit.sharding import FullyShardedStrategy
+from titok_lightning.lit.sharding import FullyShardedStrategy, fsdp2_available
 from titok_lightning.loading import build_model, constructor_defaults
 from titok_lightning.registry import get_spec, model_kwargs
 from train import MissingSettingError, check_mandatory
@@ -42,6 +42,9 @@ REFERENCE = {
 }
 # the tokenizer experiments (generator experiments are tested elsewhere)
 EXPERIMENTS = sorted([*REFERENCE, "demo"])
+
+# trainer=fsdp (FSDP2) needs torch >= 2.7; the rest of the project runs on torch >= 2.4
+needs_fsdp2 = pytest.mark.skipif(not fsdp2_available(), reason="trainer=fsdp needs torch >= 2.7 (FSDP2)")
 
 
 def compose_train(overrides: list[str], tmp_path: Path | None = None):
@@ -183,7 +186,7 @@ def test_default_is_the_offline_demo(tmp_path):
     check_mandatory(cfg)
 
 
-@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", "fsdp"])
+@pytest.mark.parametrize("trainer", ["cpu", "gpu", "ddp", "ddp_sim", pytest.param("fsdp", marks=needs_fsdp2)])
 def test_trainer_configs_compose_and_strategies_instantiate(trainer, tmp_path):
     cfg = compose_train([f"trainer={trainer}"], tmp_path)
     strategy = cfg.trainer.get("strategy")

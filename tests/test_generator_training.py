@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from datamodules.convert import encode_png, write_shards
 from datamodules.shards import collate_samples
 from datamodules.tokens import write_token_shards
-from tests.test_configs import CONF, MANIFESTS, ROOT, compose_job, compose_train
+from tests.test_configs import CONF, MANIFESTS, ROOT, compose_job, compose_train, needs_fsdp2
 from titok_lightning.frozen_tokenizer import load_frozen_tokenizer
 from titok_lightning.lit.generator import (
     MaskGenKLModule,
@@ -699,7 +699,7 @@ def test_demo_check_tells_digits_from_noise():
     assert real > 0.9 and noise < 0.3  # the 70% bar sits between the two
 
 
-@pytest.mark.parametrize("trainer", ["ddp_sim", "fsdp"])
+@pytest.mark.parametrize("trainer", ["ddp_sim", pytest.param("fsdp", marks=needs_fsdp2)])
 def test_generator_trains_on_two_cpu_processes_with_sample_grids(trainer, tiny_data, tmp_path):
     # sample grids need every rank (trainer.log_dir is a broadcast; FSDP blocks gather their shards in forward)
     ckpt = tokenizer_checkpoint(tmp_path / "tokenizer.ckpt")

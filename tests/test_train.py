@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train
+from tests.test_configs import CONF, EXPERIMENTS, ROOT, compose_train, needs_fsdp2
 from titok_lightning.lit.base import NonFiniteLossError
 from titok_lightning.loading import build_model, load_model_state_dict, load_pretrained
 from titok_lightning.overrides import set_overrides
@@ -328,6 +328,17 @@ def _train_two_cpu_processes(run_dir: Path, digits_cache: str, *overrides: str) 
     return checkpoint, result.stdout + result.stderr
 
 
+def test_fsdp_on_a_torch_without_fsdp2_is_refused_by_name(monkeypatch):
+    from titok_lightning.lit.sharding import FullyShardedStrategy
+
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    with pytest.raises(RuntimeError, match=r"trainer=fsdp needs torch >= 2.7 \(FSDP2\), this is torch 2.6.0\+cu124"):
+        FullyShardedStrategy()
+    monkeypatch.setattr(torch, "__version__", "2.10.0")  # compared as versions, not as text
+    FullyShardedStrategy()
+
+
+@needs_fsdp2
 def test_fsdp_on_two_cpu_processes_matches_ddp_and_resumes(tmp_path, digits_cache):
     # a validation and a grid of training reconstructions at step 2 swap the sharded EMA in and out between steps
     # (training goes on with the raw weights); accumulation skips the gradient sync of the first micro-batch

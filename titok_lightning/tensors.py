@@ -10,8 +10,10 @@ import torch
 
 
 def _dtensor_type():
-    from torch.distributed.tensor import DTensor
-
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.5 keeps it private (nothing is sharded there: trainer=fsdp needs torch >= 2.7)
+        from torch.distributed._tensor import DTensor
     return DTensor
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.torch_version import TorchVersion
 
 from titok_lightning.models.blocks import Block
 from titok_lightning.models.maskgit import PostNormBlock
@@ -32,6 +33,15 @@ from titok_lightning.tensors import is_sharded
 SHARDED_BLOCK_TYPES: tuple[type[nn.Module], ...] = (Block, PostNormBlock, RARBlock, JointTransformerBlock)
 
 
+FSDP2_MIN_TORCH = "2.7"
+
+
+def fsdp2_available() -> bool:
+    """Whether this torch has what ``trainer=fsdp`` uses: public ``fully_shard`` / ``FSDPModule`` and FSDP2 streams
+    on any device (2.6), ``distribute_tensor(src_data_rank=None)`` for the EMA's shards on resume (2.7)."""
+    return TorchVersion(str(torch.__version__)) >= FSDP2_MIN_TORCH
+
+
 class FullyShardedStrategy(ModelParallelStrategy):
     """``ModelParallelStrategy`` as plain FSDP: every process is one data-parallel rank (no tensor parallelism), and
     checkpoints are single files with full tensors, as with DDP (the EMA callback writes full tensors too, so
@@ -39,6 +49,10 @@ class FullyShardedStrategy(ModelParallelStrategy):
     (see ``TrainingModule.configure_model``). ``kwargs``: ``process_group_backend``, ``timeout``."""
 
     def __init__(self, **kwargs) -> None:
+        if not fsdp2_available():
+            raise RuntimeError(
+                f"trainer=fsdp needs torch >= {FSDP2_MIN_TORCH} (FSDP2), this is torch {torch.__version__}"
+            )
         super().__init__(save_distributed_checkpoint=False, **kwargs)
 
     def setup_environment(self) -> None:
