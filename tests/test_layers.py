@@ -26,6 +26,7 @@ FLOORS: list[tuple[str, ...]] = [
         "titok_lightning.sampling",
         "titok_lightning.text_encoder",
         "titok_lightning.metrics",
+        "titok_lightning.torch_files",
     ),
     ("titok_lightning.models",),
     ("titok_lightning.losses",),

@@ -29,9 +29,7 @@ import inspect
 import json
 import logging
 import os
-import pickle
 import socket
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
@@ -47,6 +45,7 @@ from titok_lightning.convert import (
     load_reference_state_dict,
 )
 from titok_lightning.registry import ModelSpec, create_model, get_spec, list_models
+from titok_lightning.torch_files import NotACheckpointError, torch_load
 
 log = logging.getLogger(__name__)
 
@@ -280,52 +279,6 @@ class Weights:
         """The registry spec of the checkpoint's model, if it is one of this project's."""
         hparams = self.hyper_parameters or {}
         return next((dict(hparams[role]) for role in SPEC_ROLES if isinstance(hparams.get(role), Mapping)), None)
-
-
-class NotACheckpointError(ValueError):
-    """A weights file that ``torch.save`` did not write, or a damaged one; the message names the file and why."""
-
-
-# what ``torch.load(weights_only=True)`` raises for a damaged file that looks like one (text and other files that
-# are neither a zip archive nor a pickle are refused before it reads them: its unpickler may fail on them with
-# anything, IndexError included)
-_NOT_LOADABLE = (pickle.UnpicklingError, EOFError)
-
-
-def _not_a_checkpoint(path: Path) -> str | None:
-    """Why the file ``path`` cannot be a file of ``torch.save`` (a zip archive, or a legacy-format pickle), or None."""
-    with open(path, "rb") as file:
-        head = file.read(4)
-    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # pickle protocol >= 2
-        return None
-    if head.startswith(b"PK"):
-        return "a zip archive without its end: cut off while copied or written?"
-    return "neither a zip archive nor a pickle" if head else "the file is empty"
-
-
-def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not a checkpoint, or a damaged one, raises
-    :class:`NotACheckpointError` naming it instead of torch's error (a page of ``weights_only`` advice that does not
-    apply, or an IndexError)."""
-    path = Path(path).expanduser()
-    why = _not_a_checkpoint(path)
-    if why is not None:
-        raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except _NOT_LOADABLE as error:
-        cause = error.__context__ if isinstance(error.__context__, _NOT_LOADABLE) else error  # the unpickler's
-        why = f"{type(cause).__name__}: {str(cause).split('. ')[0]}" if str(cause) else type(cause).__name__
-        if "Unsupported global" in why:
-            raise NotACheckpointError(
-                f"{path} holds objects that torch.load(weights_only=True) refuses ({why})"
-            ) from error
-        raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})") from error
-    except RuntimeError as error:  # a zip archive's reader, or the legacy (non-zip) format's "unexpected EOF"
-        if not (str(error).startswith("PytorchStreamReader") or "unexpected EOF" in str(error)):
-            raise
-        why = str(error).split(". ")[0]
-        raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:

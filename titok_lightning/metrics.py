@@ -296,7 +296,7 @@ def load_inception_extractor(
             f"{INCEPTION_WEIGHTS_URL} to {candidates[0]}, or pass the file: metrics.inception_weights_path=<file> "
             "(sample.py), callbacks.reconstruction_metrics.inception_weights_path=<file> (train.py)."
         )
-    from titok_lightning.loading import NotACheckpointError, torch_load
+    from titok_lightning.torch_files import NotACheckpointError, torch_load
 
     try:
         state_dict = torch_load(path)

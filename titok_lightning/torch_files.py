@@ -1,0 +1,62 @@
+"""Reading a file of ``torch.save`` safely: ``torch.load(weights_only=True)`` on the CPU, and one clear error for a
+file that is not one or is damaged.
+
+Below the loading layer (``loading.py`` reads model weights with it) and beside ``metrics.py`` (the FID network's
+weights), so neither imports upward for it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class NotACheckpointError(ValueError):
+    """A weights file that ``torch.save`` did not write, or a damaged one; the message names the file and why."""
+
+
+# what ``torch.load(weights_only=True)`` raises for a damaged file that looks like one (text and other files that
+# are neither a zip archive nor a pickle are refused before it reads them: its unpickler may fail on them with
+# anything, IndexError included)
+_NOT_LOADABLE = (pickle.UnpicklingError, EOFError)
+
+
+def _not_a_checkpoint(path: Path) -> str | None:
+    """Why the file ``path`` cannot be a file of ``torch.save`` (a zip archive, or a legacy-format pickle), or None."""
+    with open(path, "rb") as file:
+        head = file.read(4)
+    if zipfile.is_zipfile(path) or head[:1] == b"\x80":  # pickle protocol >= 2
+        return None
+    if head.startswith(b"PK"):
+        return "a zip archive without its end: cut off while copied or written?"
+    return "neither a zip archive nor a pickle" if head else "the file is empty"
+
+
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU; a file that is not a checkpoint, or a damaged one, raises
+    :class:`NotACheckpointError` naming it instead of torch's error (a page of ``weights_only`` advice that does not
+    apply, or an IndexError)."""
+    path = Path(path).expanduser()
+    why = _not_a_checkpoint(path)
+    if why is not None:
+        raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except _NOT_LOADABLE as error:
+        cause = error.__context__ if isinstance(error.__context__, _NOT_LOADABLE) else error  # the unpickler's
+        why = f"{type(cause).__name__}: {str(cause).split('. ')[0]}" if str(cause) else type(cause).__name__
+        if "Unsupported global" in why:
+            raise NotACheckpointError(
+                f"{path} holds objects that torch.load(weights_only=True) refuses ({why})"
+            ) from error
+        raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})") from error
+    except RuntimeError as error:  # a zip archive's reader, or the legacy (non-zip) format's "unexpected EOF"
+        if not (str(error).startswith("PytorchStreamReader") or "unexpected EOF" in str(error)):
+            raise
+        why = str(error).split(". ")[0]
+        raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
