@@ -33,13 +33,12 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.transforms import check_image_mode, to_rgb
+from datamodules.transforms import IMAGE_FILE_SUFFIXES, check_image_mode, to_rgb
 
 log = logging.getLogger(__name__)
 
 # Formats whose bytes are stored as they are (the reader decodes them); anything else becomes PNG.
 _KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
 
 
 @dataclass
@@ -202,10 +201,10 @@ def list_image_folder(root: str, classes: Sequence[str] | None = None) -> tuple[
         for directory, subdirectories, files in os.walk(os.path.join(root, folder)):
             subdirectories.sort()
             for name in sorted(files):
-                if name.lower().endswith(_IMAGE_SUFFIXES):
+                if name.lower().endswith(IMAGE_FILE_SUFFIXES):
                     entries.append((os.path.join(directory, name), index_of[folder]))
     if not entries:
-        raise ValueError(f"no images ({', '.join(_IMAGE_SUFFIXES)}) under {root!r}")
+        raise ValueError(f"no images ({', '.join(IMAGE_FILE_SUFFIXES)}) under {root!r}")
     return entries, classes
 
 

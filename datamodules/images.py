@@ -17,10 +17,15 @@ from typing import Any
 
 import torch
 
-from datamodules.shards import SampleDecoder, ShardedDataModule, ShardSpec, check_label_key, decode_label
+from datamodules.shards import (
+    SampleDecoder,
+    ShardedDataModule,
+    ShardSpec,
+    check_label_key,
+    decode_label,
+    image_bytes,
+)
 from datamodules.transforms import decode_image, eval_transform, train_transform
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 class ImageSampleDecoder:
@@ -58,10 +63,7 @@ class ImageSampleDecoder:
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         if not self._keep(sample):
             return None
-        extension = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        if extension is None:
-            raise KeyError(f"no image ({'/'.join(IMAGE_EXTENSIONS)}) among {sorted(sample)}")
-        image = self.transform(decode_image(sample[extension]))
+        image = self.transform(decode_image(image_bytes(sample)))
         return {"image": image, **decode_label(sample, self.label_key), "key": sample["__key__"]}
 
 

@@ -9,6 +9,7 @@ validation loaders.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import multiprocessing
@@ -142,6 +143,32 @@ def decode_label(sample: dict[str, Any], label_key: str | None) -> dict[str, Any
     if label_key == "txt":
         return {"text": sample["txt"].decode("utf-8")}
     return {}
+
+
+# A sample's image entry (datamodules.convert stores other formats as PNG); the first one present is read.
+SHARD_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    """The encoded image of a raw sample; KeyError naming the entries it has when there is none."""
+    field = next((name for name in SHARD_IMAGE_FIELDS if name in sample), None)
+    if field is None:
+        raise KeyError(f"no image ({'/'.join(SHARD_IMAGE_FIELDS)}) among {sorted(sample)}")
+    return sample[field]
+
+
+def aesthetic_score(sample: dict[str, Any]) -> float | None:
+    """A raw sample's aesthetic score (its json's or its own ``aesthetic_score`` / ``aes_score`` entry), or None."""
+    names = ("aesthetic_score", "aes_score")
+    if "json" in sample:
+        meta = json.loads(sample["json"])
+        for name in names:
+            if name in meta:
+                return float(meta[name])
+    for name in names:
+        if name in sample:
+            return float(sample[name])
+    return None
 
 
 def worker_slot() -> tuple[int, int]:

@@ -36,6 +36,7 @@ from datamodules.shards import (
     ShardSpec,
     TrainPosition,
     TrainStream,
+    aesthetic_score,
     check_label_key,
     decode_label,
     stable_seed,
@@ -193,18 +194,6 @@ class TokenSampleDecoder:
         self.recaption_prob = recaption_prob
         self._shape_seen: tuple[int, ...] | None = None
 
-    @staticmethod
-    def _aesthetic_score(sample: dict[str, Any]) -> float:
-        if "json" in sample:
-            meta = json.loads(sample["json"])
-            for name in ("aesthetic_score", "aes_score"):
-                if name in meta:
-                    return float(meta[name])
-        for name in ("aesthetic_score", "aes_score"):
-            if name in sample:
-                return float(sample[name])
-        raise KeyError("no aesthetic score (json aesthetic_score / aes_score entry)")
-
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         data = sample.get("tokens.npy", sample.get("token.npy"))
         if data is None:
@@ -220,7 +209,10 @@ class TokenSampleDecoder:
         if "text" in decoded and "recap_txt" in sample and float(torch.rand(())) < self.recaption_prob:
             decoded["text"] = recaption(sample["recap_txt"])
         if self.with_aesthetic_score:
-            decoded["aesthetic_score"] = self._aesthetic_score(sample)
+            score = aesthetic_score(sample)
+            if score is None:
+                raise KeyError("no aesthetic score (json aesthetic_score / aes_score entry)")
+            decoded["aesthetic_score"] = score
         decoded["key"] = sample["__key__"]
         return decoded
 

@@ -14,6 +14,9 @@ from torchvision import transforms
 
 Image.MAX_IMAGE_PIXELS = None  # web-scale text-image data has very large images; they are resized anyway
 
+# Image files the tools read from folders (datamodules.convert, pretokenize, sample.py's reference folder)
+IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
 
 # Modes `convert("RGB")` maps faithfully; 16-bit and transparent modes need the handling in `to_rgb`.
 _PLAIN_MODES = {"RGB", "L", "1", "P", "CMYK", "YCbCr", "LAB", "HSV"}

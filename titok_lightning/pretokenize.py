@@ -48,7 +48,6 @@ from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 LABELS = ("cls", "txt", "none")
 
 
@@ -103,9 +102,11 @@ def _clean_key(key: str) -> str:
 
 
 def _images_under(folder: str) -> list[str]:
+    from datamodules.transforms import IMAGE_FILE_SUFFIXES
+
     found = []
     for directory, _, names in os.walk(folder):
-        found += [os.path.join(directory, n) for n in names if n.lower().rsplit(".", 1)[-1] in IMAGE_EXTENSIONS]
+        found += [os.path.join(directory, n) for n in names if n.lower().endswith(IMAGE_FILE_SUFFIXES)]
     return sorted(found)
 
 
@@ -186,34 +187,19 @@ class ShardSamples(IterableDataset):
             yield from (_failure(f"tar data of {self.url}", error) for error in tar_errors)
 
     def _decode(self, raw: dict[str, Any]) -> dict[str, Any]:
+        from datamodules.shards import aesthetic_score, decode_label, image_bytes
         from datamodules.transforms import decode_image
 
         try:
-            extension = next(ext for ext in IMAGE_EXTENSIONS if ext in raw)
-            sample: dict[str, Any] = {"views": self.views(decode_image(raw[extension])), "key": raw["__key__"]}
-            if self.labels == "cls":
-                sample["class_id"] = int(raw["cls"])
-            elif self.labels == "txt":
-                sample["text"] = raw["txt"].decode("utf-8")
-                score = _aesthetic_score(raw)
-                if score is not None:
-                    sample["aesthetic_score"] = score
+            sample: dict[str, Any] = {"views": self.views(decode_image(image_bytes(raw))), "key": raw["__key__"]}
+            sample.update(decode_label(raw, None if self.labels == "none" else self.labels))
+            score = aesthetic_score(raw) if self.labels == "txt" else None
+            if score is not None:
+                sample["aesthetic_score"] = score
         except Exception as error:  # a broken sample must not end a multi-hour job
             return _failure(f"sample {raw.get('__key__')!r} of {self.url}", error)
         sample["key"] = _clean_key(sample["key"])
         return sample
-
-
-def _aesthetic_score(raw: dict[str, Any]) -> float | None:
-    if "json" in raw:
-        meta = json.loads(raw["json"])
-        for name in ("aesthetic_score", "aes_score"):
-            if name in meta:
-                return float(meta[name])
-    for name in ("aesthetic_score", "aes_score"):
-        if name in raw:
-            return float(raw[name])
-    return None
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
