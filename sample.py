@@ -63,9 +63,11 @@ from titok_lightning.loading import (
 from titok_lightning.metrics import (
     FeatureExtractor,
     FeatureStatistics,
+    exact_float32,
     frechet_distance,
     images_to_uint8,
     inception_score,
+    load_adm_reference_statistics,
     save_npz_for_adm,
 )
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
@@ -330,11 +332,13 @@ def check_numbers(cfg: DictConfig) -> None:
 def extract_features(
     extractor: FeatureExtractor, images: np.ndarray, batch_size: int = 250, device: torch.device | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N, H, W, 3] -> (features [N, D] float64, logits [N, C]) in batches."""
+    """uint8 images [N, H, W, 3] -> (features [N, D] float64, logits [N, C]) in batches, in exact float32 (no TF32,
+    no autocast; as ``metrics.ImageMetricAccumulator``: reported figures do not depend on matmul settings)."""
     features, logits = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size]).permute(0, 3, 1, 2)
-        batch_features, batch_logits = extractor(batch.to(device) if device is not None else batch)
+        with exact_float32():
+            batch_features, batch_logits = extractor(batch.to(device) if device is not None else batch)
         features.append(batch_features.double().cpu())
         logits.append(batch_logits.float().cpu())
     return torch.cat(features), torch.cat(logits)
@@ -345,10 +349,11 @@ def load_reference(path: str | os.PathLike) -> tuple[tuple[np.ndarray, np.ndarra
     (``arr_0``) or a folder of images."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+        from datamodules.transforms import IMAGE_FILE_SUFFIXES, to_rgb
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_FILE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"no images in the reference folder {path}")
-        from datamodules.transforms import to_rgb
 
         images = []
         for file in files:
@@ -363,8 +368,9 @@ def load_reference(path: str | os.PathLike) -> tuple[tuple[np.ndarray, np.ndarra
     if not path.is_file():
         raise FileNotFoundError(f"metrics.reference {str(path)!r} does not exist")
     with np.load(path) as data:
-        statistics = (data["mu"], data["sigma"]) if {"mu", "sigma"} <= set(data.files) else None
+        has_statistics = {"mu", "sigma"} <= set(data.files)
         images = data["arr_0"] if "arr_0" in data.files else None
+    statistics = load_adm_reference_statistics(path) if has_statistics else None
     if statistics is None and images is None:
         raise KeyError(f"{path} has neither mu/sigma nor arr_0 images")
     return statistics, images

@@ -679,6 +679,33 @@ def test_fid_is_zero_on_identical_sets_and_large_on_disjoint_ones():
     assert from_stats["fid"] == pytest.approx(other["fid"], rel=1e-6)
 
 
+def test_generated_images_features_are_exact_float32_as_in_training(tmp_path):
+    """sample.py's FID features are taken without TF32 or autocast, as ImageMetricAccumulator takes them in training
+    and reconstruction: with sample.py's float32_matmul_precision=high they were TF32 matmuls on a GPU."""
+    from sample import evaluate_images, load_reference
+
+    seen = []
+
+    def recording_extractor(images):
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cpu")))
+        return tiny_extractor(images)
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            evaluate_images(random_images(8, seed=1), recording_extractor, reference_images=random_images(8, seed=2))
+        assert torch.backends.cuda.matmul.allow_tf32  # restored
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen == [(False, False), (False, False)]
+
+    # an ADM reference batch's statistics come through metrics' reader (float64; a file without them is named)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4, np.float32), sigma=np.eye(4, dtype=np.float32))
+    (mu, sigma), images = load_reference(tmp_path / "ref.npz")
+    assert mu.dtype == sigma.dtype == np.float64 and images is None
+
+
 def test_reconstruction_mode_reports_rfid_and_codebook_usage(tiny_data, tmp_path):
     import sample
 

@@ -244,7 +244,7 @@ class CodebookHistogram:
 
 
 @contextlib.contextmanager
-def _exact_float32() -> Iterator[None]:
+def exact_float32() -> Iterator[None]:
     """Disable TF32 and autocast: reportable Inception features need full-precision float32 (or float64) math."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -378,7 +378,7 @@ class ImageMetricAccumulator:
         if need_real:
             _check_images(real_images, "real_images")
             images = torch.cat([images, images_to_uint8(real_images).to(images.device)])
-        with _exact_float32():
+        with exact_float32():
             features, logits = self.feature_extractor(images)
         num_fake = fake_images.shape[0]
         if self.compute_fid:
@@ -455,6 +455,7 @@ __all__ = [
     "FeatureStatistics",
     "ImageMetricAccumulator",
     "InceptionWeightsUnavailableError",
+    "exact_float32",
     "frechet_distance",
     "images_to_uint8",
     "inception_score",
