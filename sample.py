@@ -50,6 +50,7 @@ from titok_lightning.cli import CONFIG_ERRORS, errors_in_one_line, restore_user_
 from titok_lightning.convert import CheckpointMismatchError
 from titok_lightning.frozen_tokenizer import FrozenTokenizer, load_frozen_tokenizer
 from titok_lightning.lit.generator import check_sampling, check_token_space, generate_images
+from titok_lightning.lit.tokenizer import batch_captions, resolve_class_names
 from titok_lightning.loading import (
     TOKENIZER_WEIGHTS_KEY,
     PretrainedNotAvailableError,
@@ -122,13 +123,16 @@ def check_generator_checkpoint(path: str) -> str | None:
     )
 
 
-def trained_text_encoder(path: str) -> dict[str, Any] | None:
-    """The text encoder settings a ``.ckpt`` of this project was trained with (read without its tensors), if any."""
+CAPTION_SETTINGS = ("text_encoder", "class_names", "class_prompt")
+
+
+def trained_caption_settings(path: str) -> dict[str, Any]:
+    """The TA-TiTok settings (text encoder, class names, class prompt) that a ``.ckpt`` of this project was trained
+    with, read without its tensors; empty for other files."""
     if not (os.path.isfile(path) and zipfile.is_zipfile(path)):
-        return None
+        return {}
     hparams = torch_load(path, mmap=True).get("hyper_parameters") or {}
-    spec = hparams.get("text_encoder")
-    return dict(spec) if isinstance(spec, Mapping) else None
+    return {key: plain(hparams[key]) for key in CAPTION_SETTINGS if key in hparams}
 
 
 def load_generation_models(cfg: DictConfig) -> tuple[nn.Module, FrozenTokenizer, nn.Module | None, str]:
@@ -478,20 +482,19 @@ def report_metrics(
 class ReconstructionModule(L.LightningModule):
     """Validation loop body: encode/decode a batch; ``callbacks.ReconstructionMetricsCallback`` does the metrics."""
 
-    def __init__(self, tokenizer: FrozenTokenizer, text_encoder: nn.Module | None, class_prompt: str):
+    def __init__(
+        self,
+        tokenizer: FrozenTokenizer,
+        text_encoder: nn.Module | None = None,
+        class_names: list[str] | None = None,
+        class_prompt: str = "",
+    ):
         super().__init__()
-        self.tokenizer, self.text_encoder, self.class_prompt = tokenizer, text_encoder, class_prompt
-        self._class_names: list[str] | None = None
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+        self.class_names, self.class_prompt = class_names, class_prompt
 
     def captions(self, batch: Mapping[str, Any]) -> list[str]:
-        if "text" in batch:
-            return list(batch["text"])
-        if self._class_names is None:
-            from timm.data import ImageNetInfo
-
-            info = ImageNetInfo()
-            self._class_names = [info.index_to_description(i) for i in range(1000)]
-        return [self.class_prompt.format(self._class_names[i]) for i in batch["class_id"].tolist()]
+        return batch_captions(batch, self.class_names, self.class_prompt)
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         images = batch["image"]
@@ -519,9 +522,16 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
     if not cfg.data.val_shards:
         raise ValueError("mode=reconstruct needs data.val_shards=<the held-out images' shards>")
     tokenizer = load_frozen_tokenizer(plain(cfg.tokenizer), use_ema=cfg.use_ema)
-    text_encoder = None
-    if tokenizer.needs_text:  # a TA-TiTok trained here decodes with the text encoder of its run
-        text_encoder = CLIPTextEncoder(**(trained_text_encoder(str(cfg.tokenizer)) or plain(cfg.text_encoder)))
+    if tokenizer.needs_text:  # a TA-TiTok trained here decodes with the text encoder and captions of its run
+        trained = trained_caption_settings(str(cfg.tokenizer))
+        module = ReconstructionModule(
+            tokenizer,
+            CLIPTextEncoder(**trained.get("text_encoder", plain(cfg.text_encoder))),
+            resolve_class_names(trained.get("class_names", "imagenet")),
+            trained.get("class_prompt", cfg.data.class_prompt),
+        )
+    else:
+        module = ReconstructionModule(tokenizer)
     datamodule = ImageDataModule(
         val_shards=cfg.data.val_shards,
         image_size=cfg.data.image_size or tokenizer.image_size,
@@ -557,7 +567,6 @@ def reconstruct(cfg: DictConfig, feature_extractor: FeatureExtractor | None = No
         prefix="reconstruction",
     )
     trainer = L.Trainer(**plain(cfg.trainer), callbacks=[metrics], logger=False, enable_checkpointing=False)
-    module = ReconstructionModule(tokenizer, text_encoder, cfg.data.class_prompt)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     results = dict(metrics.last_metrics)
     # unreadable validation images are skipped: say how many, or the metrics would silently cover fewer images

@@ -228,7 +228,9 @@ def reconstruct_overrides(tmp_path: Path) -> list[str]:
     return [*overrides, "trainer.accelerator=cpu"]
 
 
-def test_reconstruction_of_a_tatitok_run_decodes_with_the_text_encoder_of_its_run(tmp_path):
+def test_reconstruction_of_a_tatitok_run_decodes_with_the_text_encoder_and_captions_of_its_run(tmp_path, monkeypatch):
+    """The run's text encoder, class names and class prompt; before, the ImageNet names and sample.yaml's prompt
+    captioned a run trained on other classes."""
     import sample
     from titok_lightning.loading import build_model
 
@@ -236,12 +238,22 @@ def test_reconstruction_of_a_tatitok_run_decodes_with_the_text_encoder_of_its_ru
     spec = {k: v for k, v in TINY_TOKENIZERS["tatitok_vq"].items() if k != "pretrained"}
     state = {f"model.{k}": v for k, v in build_model(spec).state_dict().items()}
     hparams = {"tokenizer": spec, "text_encoder": {"model_name": "ViT-L-14-336", "pretrained": None, **TINY_TEXT}}
+    hparams |= {"class_names": [f"digit {i}" for i in range(10)], "class_prompt": "a drawing of the {}"}
     torch.save({"hyper_parameters": hparams, "state_dict": state}, tmp_path / "tatitok.ckpt")
     jpeg_shards(tmp_path / "val", broken=set(), count=8)
+    captions = []
+    original = sample.ReconstructionModule.captions
+
+    def recorded(module, batch):
+        captions.extend(original(module, batch))
+        return captions[-len(batch["key"]) :]
+
+    monkeypatch.setattr(sample.ReconstructionModule, "captions", recorded)
     overrides = [f"tokenizer={tmp_path / 'tatitok.ckpt'}", "mode=reconstruct", f"data.val_shards={tmp_path / 'val'}"]
     overrides += ["data.num_workers=0", "batch_size=4", "metrics.is_splits=2", "trainer.accelerator=cpu"]
     record = sample.run(compose_sample(overrides, tmp_path / "h"), feature_extractor=tiny_extractor)
     assert record["rfid"] >= 0.0
+    assert captions == [f"a drawing of the digit {i}" for i in range(8)]
 
 
 def no_inception_download(url: str, dst: str, progress: bool = True) -> None:

@@ -131,6 +131,10 @@ def test_tatitok_reads_captions_or_class_prompts(tmp_path, digits_cache):
     module = hydra.utils.instantiate(cfg.model)
     assert module.captions({"text": ["a red car", "two cats"]}) == ["a red car", "two cats"]
     assert module.captions({"class_id": torch.tensor([3])}) == ["A photo of a three."]
+    # what sample.py mode=reconstruct captions a run's checkpoint with (test_sample_reruns)
+    from sample import CAPTION_SETTINGS
+
+    assert set(CAPTION_SETTINGS) <= set(module.hparams) and module.hparams.class_names[3] == "three"
     (features,) = module.decoder_inputs({"text": ["a red car", "two cats"]})
     assert features.shape == (2, 77, 32) and not features.requires_grad
     images = torch.rand(2, 3, 32, 32)

@@ -293,22 +293,27 @@ class TATiTokModule(PixelTokenizerModule):
                 f"text encoder gives [{self.text_encoder.context_length}, {self.text_encoder.width}] features, the "
                 f"TA-TiTok decoder expects [{decoder.text_context_length}, {decoder.text_guidance_proj.in_features}]"
             )
-        self.class_names = _class_names(class_names)
+        self.class_names = resolve_class_names(class_names)
         self.class_prompt = class_prompt
 
     def captions(self, batch: Mapping[str, Any]) -> list[str]:
-        if "text" in batch:
-            return list(batch["text"])
-        if "class_id" in batch and self.class_names is not None:
-            return [self.class_prompt.format(self.class_names[i]) for i in batch["class_id"].tolist()]
-        raise KeyError("TA-TiTok needs batch['text'], or batch['class_id'] with class_names set")
+        return batch_captions(batch, self.class_names, self.class_prompt)
 
     def decoder_inputs(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
         with self.frozen_precision():
             return (self.text_encoder(self.captions(batch)).guidance,)
 
 
-def _class_names(class_names: str | Sequence[str] | None) -> list[str] | None:
+def batch_captions(batch: Mapping[str, Any], class_names: Sequence[str] | None, class_prompt: str) -> list[str]:
+    """The captions TA-TiTok decodes ``batch`` with: its texts, or ``class_prompt`` filled with its classes' names."""
+    if "text" in batch:
+        return list(batch["text"])
+    if "class_id" in batch and class_names is not None:
+        return [class_prompt.format(class_names[i]) for i in batch["class_id"].tolist()]
+    raise KeyError("TA-TiTok needs batch['text'], or batch['class_id'] with class_names set")
+
+
+def resolve_class_names(class_names: str | Sequence[str] | None) -> list[str] | None:
     if class_names is None or isinstance(class_names, list | tuple):
         return None if class_names is None else list(class_names)
     if class_names == "imagenet":
