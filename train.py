@@ -28,29 +28,29 @@ import warnings
 # the 2-core demo machine); sleeping waiters cost little. Must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+from pathlib import Path
+from typing import Any
 
-import hydra  # noqa: E402
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from lightning.pytorch.callbacks import LearningRateMonitor  # noqa: E402
-from lightning.pytorch.plugins.environments import SLURMEnvironment  # noqa: E402
-from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
-from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from callbacks.fault_tolerance import ResumableCheckpoint  # noqa: E402
-from datamodules.shards import DataError  # noqa: E402
-from titok_lightning.cli import CONFIG_ERRORS, MOVED_KEYS, errors_in_one_line, restore_user_full_error, run_cli  # noqa: E402
-from titok_lightning.lit.generator import ClassLabelError, TokenizerChangedError  # noqa: E402
-from titok_lightning.lit.resume import (  # noqa: E402
+from callbacks.fault_tolerance import ResumableCheckpoint
+from datamodules.shards import DataError
+from titok_lightning.cli import CONFIG_ERRORS, MOVED_KEYS, errors_in_one_line, restore_user_full_error, run_cli
+from titok_lightning.lit.generator import ClassLabelError, TokenizerChangedError
+from titok_lightning.lit.resume import (
     RunFolderInUseError,
     RunLock,
     find_resume_checkpoint,
     remove_temporary_files,
 )
-from titok_lightning.loading import NotACheckpointError, checkpoint_global_step  # noqa: E402
+from titok_lightning.loading import NotACheckpointError, checkpoint_global_step
 
 log = logging.getLogger("train")
 

@@ -152,7 +152,7 @@ def test_kl_decoder_replaces_masked_latents_by_the_mask_token():
 
 def test_cosine_schedule_matches_its_closed_form():
     betas = cosine_betas(1000)
-    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    alpha_bar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
     expected = torch.tensor([alpha_bar((i + 1) / 1000) / alpha_bar(0) for i in range(1000)], dtype=torch.float64)
     cumprod = torch.cumprod(1 - betas, 0)
     torch.testing.assert_close(cumprod[:990], expected[:990], rtol=1e-9, atol=0)  # the last betas are clipped

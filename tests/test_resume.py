@@ -181,7 +181,7 @@ def test_faults_one_after_another_each_resume_exactly(reference, tmp_path, digit
     # while that run lives, a second train.py on the same folder is refused in one line
     plugin = "trainer.plugins=[{_target_:tests.test_resume.SlowCheckpointIO}]"
     writer = start(run_dir, digits_cache, plugin)
-    temporary = lambda: list((run_dir / "checkpoints").glob(".tmp-step_00000018.ckpt-*"))  # noqa: E731
+    temporary = lambda: list((run_dir / "checkpoints").glob(".tmp-step_00000018.ckpt-*"))
     wait_for(temporary, writer, "the step-18 checkpoint write")
     second = subprocess.run(command(run_dir, digits_cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode != 0
@@ -272,7 +272,7 @@ def logged_steps(run_dir: Path) -> list[tuple[int, list[str]]]:
     return [(int(row["step"]), sorted(key for key, value in row.items() if value)) for row in metric_rows(run_dir)]
 
 
-def test_an_accumulating_run_counts_optimizer_steps_and_a_sigterm_saves_between_them(reference, tmp_path, digits_cache):  # noqa: E501,F811
+def test_an_accumulating_run_counts_optimizer_steps_and_a_sigterm_saves_between_them(reference, tmp_path, digits_cache):  # noqa: F811
     """model.accumulate_grad_batches=2: the run validates, logs, checkpoints and draws images at the optimizer steps
     where a run without accumulation does; SIGTERM saves between optimizer steps (never part of an accumulated
     step), and the resumed run ends exactly as an uninterrupted one."""
@@ -345,7 +345,7 @@ def test_a_run_started_without_a_run_folder_prints_the_command_that_resumes_it(t
         text=True,
         start_new_session=True,
     )
-    step_6 = lambda: list(tmp_path.glob("outputs/*/runs/*/checkpoints/step_00000006.ckpt"))  # noqa: E731
+    step_6 = lambda: list(tmp_path.glob("outputs/*/runs/*/checkpoints/step_00000006.ckpt"))
     wait_for(step_6, process, "step 6")
     os.killpg(process.pid, signal.SIGTERM)
     output = finish(process, expected_rc=128 + signal.SIGTERM)

@@ -49,6 +49,7 @@ from titok_lightning.loading import (
     weights_fingerprint,
 )
 from titok_lightning.losses import ARLoss, MLMLoss
+from titok_lightning.metrics import images_to_uint8
 from titok_lightning.models.maskgen import MaskGenKL, MaskGenVQ
 from titok_lightning.models.maskgit import MaskGITGenerator
 from titok_lightning.models.rar import RAR
@@ -143,7 +144,7 @@ def log_image_grid(trainer, grid: torch.Tensor, name: str, tag: str) -> Path:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_image(tag, grid, global_step=trainer.global_step)
         elif isinstance(logger, WandbLogger):
-            image = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+            image = images_to_uint8(grid).permute(1, 2, 0).cpu().numpy()
             logger.log_image(key=tag, images=[image], step=trainer.global_step)
     return path
 
