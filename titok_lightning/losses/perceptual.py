@@ -109,7 +109,6 @@ class PerceptualLoss(nn.Module):
 
     def __init__(self, model_name: str = "convnext_s", pretrained: bool = True):
         super().__init__()
-        self.model_name = model_name
         self.weight_lpips, self.weight_convnext = parse_perceptual_name(model_name)
         try:
             self.lpips = _build_lpips(pretrained) if self.weight_lpips > 0 else None

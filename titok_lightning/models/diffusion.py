@@ -74,7 +74,6 @@ class GaussianDiffusion:
         self.num_timesteps = len(betas)
         self.timestep_map = list(timestep_map) if timestep_map is not None else list(range(self.num_timesteps))
         self._respaced = self.timestep_map != list(range(self.num_timesteps))
-        self.betas = betas
         self.alphas_cumprod = alphas_cumprod = torch.cumprod(1 - betas, dim=0)
         prev = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1 - prev) / (1 - alphas_cumprod)

@@ -186,6 +186,13 @@ def pixel_quantizer(codebook_size: int = 1024, codebook_dim: int = 256) -> Vecto
     return VectorQuantizer(codebook_size, codebook_dim, commitment_cost=0.25, use_l2_norm=False)
 
 
+def decode_code_distribution(quantize: VectorQuantizer, decoder: Decoder, probs: torch.Tensor) -> torch.Tensor:
+    """Code distributions [B, K, h, w] -> images [B, 3, H, W], not clamped: ``decoder`` sees the probability-weighted
+    mix of ``quantize``'s code vectors (how TiTok stage 2 decodes its proxy-code logits)."""
+    latents = quantize.get_codebook_entry(probs.movedim(1, -1)).movedim(-1, 1)
+    return decoder(latents)
+
+
 class MaskGITVQGAN(FromReferenceConfig, nn.Module):
     """MaskGIT-VQGAN pixel tokenizer (frozen in every use here; kept in eval mode).
 
@@ -250,8 +257,7 @@ class MaskGITVQGAN(FromReferenceConfig, nn.Module):
         """Code distributions [B, K, h, w] (e.g. a softmax over codes) -> images [B, 3, H, W], not clamped.
 
         The decoder sees the probability-weighted mix of code vectors (TiTok stage 2)."""
-        latents = self.quantize.get_codebook_entry(probs.movedim(1, -1)).movedim(-1, 1)
-        return self.decoder(latents)
+        return decode_code_distribution(self.quantize, self.decoder, probs)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

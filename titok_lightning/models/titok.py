@@ -22,7 +22,13 @@ from einops.layers.torch import Rearrange
 
 from titok_lightning.convert import FromReferenceConfig, load_reference_state_dict, rename_keys
 from titok_lightning.models.blocks import Block, init_trunc_normal
-from titok_lightning.models.maskgit_vqgan import MASKGIT_VQGAN_F16_256, Decoder, conv_kwargs, pixel_quantizer
+from titok_lightning.models.maskgit_vqgan import (
+    MASKGIT_VQGAN_F16_256,
+    Decoder,
+    conv_kwargs,
+    decode_code_distribution,
+    pixel_quantizer,
+)
 from titok_lightning.models.quantizers import DiagonalGaussianDistribution, VectorQuantizer
 from titok_lightning.registry import register_model
 
@@ -359,8 +365,7 @@ class TiTok(FromReferenceConfig, nn.Module):
         otherwise images [B, 3, H, W] (not clamped; nominally [0, 1])."""
         decoded = self.decoder(z)
         if self.finetune_decoder:
-            codes = self.pixel_quantize.get_codebook_entry(decoded.softmax(dim=1).movedim(1, -1))
-            decoded = self.pixel_decoder(codes.movedim(-1, 1))
+            decoded = decode_code_distribution(self.pixel_quantize, self.pixel_decoder, decoded.softmax(dim=1))
         return decoded
 
     def tokens_to_latents(self, tokens: torch.Tensor) -> torch.Tensor:
