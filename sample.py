@@ -350,14 +350,14 @@ def extract_features(
 
 def load_reference(path: str | os.PathLike) -> tuple[tuple[np.ndarray, np.ndarray] | None, np.ndarray | None]:
     """``(mu, sigma)`` and/or real images uint8 [M, H, W, 3] from an ADM reference batch, an .npz of images
-    (``arr_0``) or a folder of images."""
+    (``arr_0``) or a folder of images (sub-folders included, e.g. ImageNet's class folders)."""
     path = Path(path)
     if path.is_dir():
-        from datamodules.transforms import IMAGE_FILE_SUFFIXES, to_rgb
+        from datamodules.transforms import image_files_under, to_rgb
 
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_FILE_SUFFIXES)
+        files = image_files_under(path)
         if not files:
-            raise FileNotFoundError(f"no images in the reference folder {path}")
+            raise FileNotFoundError(f"no images in the reference folder {path} or its sub-folders")
 
         images = []
         for file in files:
@@ -365,8 +365,9 @@ def load_reference(path: str | os.PathLike) -> tuple[tuple[np.ndarray, np.ndarra
                 images.append(np.asarray(to_rgb(image)))  # 16-bit / transparent images converted, not clipped
             if images[-1].shape != images[0].shape:
                 raise ValueError(
-                    f"reference image {file} is {images[-1].shape[1]}x{images[-1].shape[0]}, {files[0].name} is "
-                    f"{images[0].shape[1]}x{images[0].shape[0]}: resize the reference images to one size"
+                    f"reference image {file} is {images[-1].shape[1]}x{images[-1].shape[0]}, "
+                    f"{os.path.basename(files[0])} is {images[0].shape[1]}x{images[0].shape[0]}: resize the reference "
+                    "images to one size"
                 )
         return None, np.stack(images)
     if not path.is_file():

@@ -33,7 +33,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from datamodules.transforms import IMAGE_FILE_SUFFIXES, check_image_mode, to_rgb
+from datamodules.transforms import IMAGE_FILE_SUFFIXES, check_image_mode, image_files_under, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +196,7 @@ def list_image_folder(root: str, classes: Sequence[str] | None = None) -> tuple[
     unknown = [name for name in folders if name not in index_of]
     if unknown:
         raise ValueError(f"folders {unknown[:5]} of {root!r} are not in the given class list")
-    entries = []
-    for folder in folders:
-        for directory, subdirectories, files in os.walk(os.path.join(root, folder)):
-            subdirectories.sort()
-            for name in sorted(files):
-                if name.lower().endswith(IMAGE_FILE_SUFFIXES):
-                    entries.append((os.path.join(directory, name), index_of[folder]))
+    entries = [(path, index_of[folder]) for folder in folders for path in image_files_under(os.path.join(root, folder))]
     if not entries:
         raise ValueError(f"no images ({', '.join(IMAGE_FILE_SUFFIXES)}) under {root!r}")
     return entries, classes

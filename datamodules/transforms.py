@@ -7,6 +7,7 @@ tokenizers expect [0, 1]). Resizing is bicubic with antialiasing, done by PIL.
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -16,6 +17,16 @@ Image.MAX_IMAGE_PIXELS = None  # web-scale text-image data has very large images
 
 # Image files the tools read from folders (datamodules.convert, pretokenize, sample.py's reference folder)
 IMAGE_FILE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+def image_files_under(folder: str | os.PathLike) -> list[str]:
+    """Paths of the image files under ``folder`` and its sub-folders, in sorted tree order (the same order on every
+    machine: a folder's files, then its sub-folders, each by name)."""
+    found = []
+    for directory, subdirectories, names in os.walk(folder):
+        subdirectories.sort()
+        found += [os.path.join(directory, name) for name in sorted(names) if name.lower().endswith(IMAGE_FILE_SUFFIXES)]
+    return found
 
 
 # Modes `convert("RGB")` maps faithfully; 16-bit and transparent modes need the handling in `to_rgb`.

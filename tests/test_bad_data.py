@@ -465,28 +465,32 @@ def test_pretokenize_shards_skip_broken_samples_and_truncated_tar_data(tmp_path,
         pretokenize.main([*arguments, "--ten-crop"])
 
 
-def test_pretokenize_and_convert_read_the_same_image_files_of_a_folder(tmp_path):
-    """An image folder becomes as many token samples as shards: pretokenize read only jpg/jpeg/png/webp files, so the
-    BMP, TIFF and GIF files that datamodules.convert takes were left out without a word."""
+def test_pretokenize_convert_and_fid_reference_read_the_same_image_files_of_a_folder(tmp_path):
+    """An image folder becomes as many token samples as shards and FID reference images: pretokenize read only
+    jpg/jpeg/png/webp files, so the BMP, TIFF and GIF files that datamodules.convert takes were left out without a
+    word, and sample.py's reference folder ignored images in sub-folders (ImageNet's class folders)."""
     from datamodules.convert import main as convert_main
+    from sample import load_reference
     from tests.test_generator_training import tokenizer_checkpoint
     from titok_lightning import pretokenize
 
     rng = np.random.default_rng(0)
     root = tmp_path / "images"
-    for name, suffixes in {"a": ("png", "bmp"), "b": ("tif", "gif", "JPG")}.items():
+    for name, suffixes in {"a": ("png", "bmp"), "a/deeper": ("ppm",), "b": ("tif", "gif", "JPG")}.items():
         (root / name).mkdir(parents=True)
         for i, suffix in enumerate(suffixes):
             image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
             image.save(root / name / f"{i}.{suffix}", format={"JPG": "JPEG", "tif": "TIFF"}.get(suffix))
+    (root / "b" / "notes.txt").write_text("not an image")
     converted = convert_main(["folder", str(root), str(tmp_path / "shards" / "train-%06d.tar"), "--no-progress"])
-    assert (converted.num_samples, converted.num_skipped) == (5, 0)
+    assert (converted.num_samples, converted.num_skipped) == (6, 0)
+    assert load_reference(root)[1].shape == (6, 32, 32, 3)
 
     tokens = tmp_path / "tokens"
     arguments = ["--tokenizer", str(tokenizer_checkpoint(tmp_path / "tok.ckpt")), "--data", str(root)]
     pretokenize.main([*arguments, "--out", str(tokens), "--no-flip", "--num-workers", "0", "--accelerator", "cpu"])
     info = json.loads((tokens / "train.json").read_text())
-    assert (info["num_samples"], info["num_skipped_inputs"]) == (5, 0)
+    assert (info["num_samples"], info["num_skipped_inputs"]) == (6, 0)
 
 
 def test_reference_folder_images_are_converted_and_sizes_checked(tmp_path):

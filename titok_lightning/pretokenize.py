@@ -101,31 +101,20 @@ def _clean_key(key: str) -> str:
     return re.sub(r"[.\s]", "_", key)
 
 
-def _images_under(folder: str) -> list[str]:
-    from datamodules.transforms import IMAGE_FILE_SUFFIXES
-
-    found = []
-    for directory, _, names in os.walk(folder):
-        found += [os.path.join(directory, n) for n in names if n.lower().endswith(IMAGE_FILE_SUFFIXES)]
-    return sorted(found)
-
-
 def list_image_folder(root: str, labels: str) -> list[tuple[str, int | None]]:
     """(path, class index or None) of the images under ``root``: class sub-folders (class index = position in the
-    sorted names, as torchvision's ImageFolder and the reference) or, with ``labels="none"``, any image files."""
+    sorted names, as torchvision's ImageFolder, the reference and ``datamodules.convert``) or, with
+    ``labels="none"``, any image files."""
+    from datamodules.convert import list_image_folder as list_class_folders
+    from datamodules.transforms import image_files_under
+
+    if labels == "cls":
+        return list_class_folders(root)[0]
+    if labels != "none":
+        raise ValueError("image folders carry class labels or none; captioned data must be shards")
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image folder {root!r} does not exist")
-    files: list[tuple[str, int | None]] = []
-    if labels == "cls":
-        classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        if not classes:
-            raise FileNotFoundError(f"{root!r} has no class sub-folders (use --labels none for a flat folder)")
-        for index, name in enumerate(classes):
-            files += [(path, index) for path in _images_under(os.path.join(root, name))]
-    elif labels == "none":
-        files = [(path, None) for path in _images_under(root)]
-    else:
-        raise ValueError("image folders carry class labels or none; captioned data must be shards")
+    files = [(path, None) for path in image_files_under(root)]
     if not files:
         raise FileNotFoundError(f"no images under {root!r}")
     return files
