@@ -353,7 +353,8 @@ def cpu_self_times(events) -> list[tuple[str, int, bool]]:
     on its thread; leaf: none inside it."""
     threads: dict[int, list[tuple[int, int, str]]] = {}
     for e in events:
-        threads.setdefault(e.start_thread_id(), []).append((e.start_ns(), -e.end_ns(), e.name()))
+        end = e.start_ns() + e.duration_ns()  # (torch < 2.5's events have no end_ns)
+        threads.setdefault(e.start_thread_id(), []).append((e.start_ns(), -end, e.name()))
     out = []
     for spans in threads.values():
         spans.sort()  # by start, the enclosing (later ending) event first

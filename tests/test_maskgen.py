@@ -312,9 +312,11 @@ def test_diffloss_guidance_scale_one_equals_unguided_sampling():
     z, z_null = torch.randn(5, 8), torch.randn(5, 8)
     plain = head.sample(z, temperature=0.9, generator=torch.Generator().manual_seed(1))
     same = head.sample(z, 0.9, guidance_scale=1.0, z_null=z_null, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(same, plain)
+    # equal up to rounding: the guided call runs the conditional and null halves as one batch of 10 (another matmul
+    # blocking than 5), whose last-bit differences 10 denoising steps carry to samples of magnitude ~300
+    torch.testing.assert_close(same, plain, rtol=1e-4, atol=1e-4)
     guided = head.sample(z, 0.9, guidance_scale=4.0, z_null=z_null, generator=torch.Generator().manual_seed(1))
-    assert not torch.allclose(guided, plain)
+    assert (guided - plain).abs().max() > 1e-2 * plain.abs().max()  # guidance is far above that rounding
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -37,6 +37,18 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return "neither a zip archive nor a pickle" if head else "the file is empty"
 
 
+def _unpickler_says(error: BaseException) -> str:
+    """``"<error type>: <first sentence>"`` of the unpickler's own error inside torch.load's: torch >= 2.5 chains it
+    as the context, torch 2.4 quotes it after ``WeightsUnpickler error:``; without either, torch.load's own."""
+    text = str(error)
+    if isinstance(error.__context__, _NOT_LOADABLE):
+        error, text = error.__context__, str(error.__context__)
+    elif "WeightsUnpickler error: " in text:
+        text = text.split("WeightsUnpickler error: ", 1)[1]
+    first = text.strip().split("\n")[0].split(". ")[0].strip()
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
 def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU; a file that is not a checkpoint, or a damaged one, raises
     :class:`NotACheckpointError` naming it instead of torch's error (a page of ``weights_only`` advice that does not
@@ -48,12 +60,14 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except _NOT_LOADABLE as error:
-        cause = error.__context__ if isinstance(error.__context__, _NOT_LOADABLE) else error  # the unpickler's
-        why = f"{type(cause).__name__}: {str(cause).split('. ')[0]}" if str(cause) else type(cause).__name__
+        why = _unpickler_says(error)
         if "Unsupported global" in why:
             raise NotACheckpointError(
                 f"{path} holds objects that torch.load(weights_only=True) refuses ({why})"
             ) from error
+        if "unexpected EOF" in why:  # the legacy format's reader, as torch 2.4 reports it
+            why = why.split(": ", 1)[1]
+            raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
         raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})") from error
     except RuntimeError as error:  # a zip archive's reader, or the legacy (non-zip) format's "unexpected EOF"
         if not (str(error).startswith("PytorchStreamReader") or "unexpected EOF" in str(error)):
