@@ -37,16 +37,19 @@ def _not_a_checkpoint(path: Path) -> str | None:
     return "neither a zip archive nor a pickle" if head else "the file is empty"
 
 
-def _unpickler_says(error: BaseException) -> str:
-    """``"<error type>: <first sentence>"`` of the unpickler's own error inside torch.load's: torch >= 2.5 chains it
-    as the context, torch 2.4 quotes it after ``WeightsUnpickler error:``; without either, torch.load's own."""
+def _first_sentence(text: str) -> str:
+    return text.strip().split("\n")[0].split(". ")[0].strip()
+
+
+def _unpickler_says(error: BaseException) -> tuple[str, str]:
+    """(error type, first sentence) of the unpickler's own error inside torch.load's: torch >= 2.5 chains it as the
+    context, torch 2.4 quotes it after ``WeightsUnpickler error:``; without either, torch.load's own."""
     text = str(error)
     if isinstance(error.__context__, _NOT_LOADABLE):
         error, text = error.__context__, str(error.__context__)
     elif "WeightsUnpickler error: " in text:
         text = text.split("WeightsUnpickler error: ", 1)[1]
-    first = text.strip().split("\n")[0].split(". ")[0].strip()
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return type(error).__name__, _first_sentence(text)
 
 
 def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
@@ -59,18 +62,20 @@ def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
         raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except _NOT_LOADABLE as error:
-        why = _unpickler_says(error)
-        if "Unsupported global" in why:
+    except (*_NOT_LOADABLE, RuntimeError) as error:
+        if isinstance(error, _NOT_LOADABLE):
+            kind, sentence = _unpickler_says(error)
+        elif str(error).startswith("PytorchStreamReader") or "unexpected EOF" in str(error):
+            kind, sentence = None, _first_sentence(str(error))  # a zip archive's reader, or the legacy format's
+        else:
+            raise
+        why = f"{kind}: {sentence}" if kind and sentence else kind or sentence
+        if "Unsupported global" in sentence:
             raise NotACheckpointError(
                 f"{path} holds objects that torch.load(weights_only=True) refuses ({why})"
             ) from error
-        if "unexpected EOF" in why:  # the legacy format's reader, as torch 2.4 reports it
-            why = why.split(": ", 1)[1]
-            raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
+        if kind is None or "unexpected EOF" in sentence:  # cut off (torch 2.4 reports the legacy EOF as unpickling)
+            raise NotACheckpointError(
+                f"{path} is not a complete checkpoint written by torch.save ({sentence})"
+            ) from error
         raise NotACheckpointError(f"{path} is not a checkpoint written by torch.save ({why})") from error
-    except RuntimeError as error:  # a zip archive's reader, or the legacy (non-zip) format's "unexpected EOF"
-        if not (str(error).startswith("PytorchStreamReader") or "unexpected EOF" in str(error)):
-            raise
-        why = str(error).split(". ")[0]
-        raise NotACheckpointError(f"{path} is not a complete checkpoint written by torch.save ({why})") from error
